@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests run offline and on the CPU, deterministically.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    from tests.tiny import make_tokenizer
+
+    return make_tokenizer(tmp_path / "tok")
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    from tests.tiny import make_model
+
+    return make_model(tmp_path / "llama", arch="llama")
