@@ -1,0 +1,276 @@
+"""One training config: CLI flags, YAML files and the Python API all build a `TrainConfig`.
+
+Every field carries its help text and option group in `metadata`, so the CLI options and the
+docs' option table are generated from this file and cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GROUPS = ("Model", "LoRA", "Data", "Training", "Output")
+
+
+class ConfigError(ValueError):
+    """Raised with *all* problems of a config at once, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _f(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"group": group, "help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- Model -----------------------------------------------------------------------------
+    model: str | None = _f(
+        None, "Model", "Hub id or local folder of a causal LM. Empty: the offline demo model "
+        "(SmolLM2-135M-Instruct, fetched from PyPI).")
+    revision: str | None = _f(None, "Model", "Hub revision (branch, tag or commit).")
+    quant: str = _f("4bit", "Model", "Base weight quantisation.", ("4bit", "8bit", "none"))
+    dtype: str = _f(
+        "auto", "Model", "Compute dtype. auto: bf16 on CUDA with bf16, fp16 on older CUDA "
+        "(T4/V100), fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = _f(True, "Model", "Non-reentrant gradient checkpointing.")
+    trust_remote_code: bool = _f(False, "Model", "Run model/tokenizer code from the hub repo.")
+    allow_pickle: bool = _f(False, "Model", "Allow .bin (pickle) weights; safetensors only "
+                            "otherwise.")
+    attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
+                                         "flash_attention_2); transformers' choice if empty.")
+    # --- LoRA ------------------------------------------------------------------------------
+    lora_r: int = _f(16, "LoRA", "LoRA rank.")
+    lora_alpha: float = _f(32.0, "LoRA", "LoRA alpha (scale = alpha / r, or / sqrt(r) with "
+                           "rslora).")
+    lora_dropout: float = _f(0.05, "LoRA", "Dropout on the LoRA input.")
+    lora_targets: list[str] = _f(["all-linear"], "LoRA", "Modules to adapt: 'all-linear' (every "
+                                 "linear layer but the output head) or module names, comma "
+                                 "separated.")
+    use_rslora: bool = _f(False, "LoRA", "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    # --- Data ------------------------------------------------------------------------------
+    data: str | None = _f(None, "Data", "Hub dataset name or local .json/.jsonl/.parquet/.csv "
+                          "file. Empty: the bundled demo preference set.")
+    split: str = _f("train", "Data", "Training split of a hub dataset.")
+    subset: str | None = _f(None, "Data", "Hub dataset config/subset name.")
+    eval_data: str | None = _f(None, "Data", "Separate eval file or hub dataset (else "
+                               "--eval-split or --eval-fraction).")
+    eval_split: str | None = _f(None, "Data", "Eval split of the hub dataset, e.g. test_prefs.")
+    eval_fraction: float = _f(0.0, "Data", "Hold out this fraction of the training rows for "
+                              "eval when no eval data/split is given.")
+    columns: dict[str, str] = _f({}, "Data", "Column mapping for other formats, e.g. "
+                                 "prompt=question,chosen=good,rejected=bad (also system=).")
+    max_samples: int | None = _f(None, "Data", "Use at most this many training rows.")
+    max_length: int = _f(1024, "Data", "Max tokens of prompt + response.")
+    max_prompt_length: int = _f(512, "Data", "Max prompt tokens; longer prompts keep their "
+                                "end (the last turns).")
+    min_response_tokens: int = _f(8, "Data", "Rows leaving fewer response tokens than this "
+                                  "are dropped (and counted).")
+    chat_template: str | None = _f(None, "Data", "Jinja chat template (file path or string); "
+                                   "default: the tokenizer's own, else qorpo's ChatML default.")
+    # --- Training --------------------------------------------------------------------------
+    beta: float = _f(0.1, "Training", "Weight of the odds-ratio term (the paper's lambda).")
+    sft_on_prompt: bool = _f(False, "Training", "Also score the chosen prompt tokens in the "
+                             "SFT term (TRL / official ORPO behaviour).")
+    chunk_size: int = _f(1024, "Training", "Scored tokens per chunk in the vocab projection.")
+    learning_rate: float = _f(5e-5, "Training", "Peak learning rate.")
+    lr_scheduler: str = _f("linear", "Training", "transformers scheduler name.")
+    warmup_ratio: float = _f(0.1, "Training", "Fraction of steps for linear warm-up.")
+    epochs: float = _f(1.0, "Training", "Training epochs (ignored if --max-steps > 0).")
+    max_steps: int = _f(-1, "Training", "Optimizer steps; -1: from epochs.")
+    batch_size: int = _f(2, "Training", "Preference pairs per device per micro-batch.")
+    grad_accum: int = _f(4, "Training", "Micro-batches per optimizer step.")
+    optim: str = _f("auto", "Training", "auto: paged 8-bit AdamW on CUDA, AdamW on CPU; or any "
+                    "transformers optimizer name.")
+    weight_decay: float = _f(0.0, "Training", "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm.")
+    group_by_length: bool = _f(True, "Training", "Batch pairs of similar length (less padding).")
+    seed: int = _f(42, "Training", "Random seed (data order, LoRA init, dropout).")
+    eval_steps: int | None = _f(None, "Training", "Evaluate every N steps (default: at the "
+                                "end, and every save).")
+    # --- Output ----------------------------------------------------------------------------
+    output_dir: str = _f("outputs/qorpo", "Output", "Where the adapter, tokenizer, config, "
+                         "metrics and checkpoints go.")
+    logging_steps: int = _f(10, "Output", "Log metrics every N steps.")
+    save_steps: int = _f(200, "Output", "Checkpoint every N steps.")
+    save_total_limit: int | None = _f(2, "Output", "Keep at most this many checkpoints.")
+    report_to: list[str] = _f(["none"], "Output", "none, tensorboard, wandb (comma separated).")
+    resume: str | None = _f(None, "Output", "Resume: 'latest' or a checkpoint folder.")
+
+    # -------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check every field; raise one ConfigError listing all problems."""
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                problems.append(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        positive = ("lora_r", "max_length", "max_prompt_length", "min_response_tokens",
+                    "chunk_size", "batch_size", "grad_accum", "logging_steps", "save_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
+                            f"({self.max_length}) to leave room for the response")
+        if self.min_response_tokens > self.max_length - 1:
+            problems.append("min_response_tokens: must leave room for a prompt in max_length")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            problems.append(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
+        for name in ("beta", "learning_rate", "lora_alpha", "epochs"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"max_samples: must be >= 1, got {self.max_samples}")
+        if not self.lora_targets:
+            problems.append("lora_targets: give 'all-linear' or at least one module name")
+        bad_cols = set(self.columns) - {"prompt", "chosen", "rejected", "system"}
+        if bad_cols:
+            problems.append(f"columns: unknown keys {sorted(bad_cols)}; allowed: prompt, "
+                            "chosen, rejected, system")
+        known_reports = {"none", "tensorboard", "wandb", "all"}
+        if set(self.report_to) - known_reports:
+            problems.append(f"report_to: {self.report_to} — allowed: {sorted(known_reports)}")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from plain values (YAML or CLI). Strings are parsed to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems: list[str] = []
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                close = [n for n in fields if n.startswith(name[:4])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                problems.append(f"{source}: unknown key {key!r}{hint}")
+                continue
+            try:
+                kwargs[name] = coerce(fields[name].type, raw)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{source}: {key}: {exc}")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def load(cls, yaml_path: str | Path | None = None,
+             overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """YAML file (optional), then overrides (CLI flags) on top; validated once."""
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise ConfigError([f"{path}: config file not found"])
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError([f"{path}: expected a mapping of option: value at top level"])
+            values.update(loaded)
+            cls.from_dict(values, source=str(path))  # report YAML problems under its name
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values, source=str(yaml_path) if yaml_path else "options")
+
+
+def _resolve(tp: Any) -> Any:
+    if isinstance(tp, str):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(TrainConfig):
+            if f.type == tp:
+                return hints[f.name]
+        raise TypeError(f"cannot resolve type {tp}")
+    return tp
+
+
+def coerce(tp: Any, raw: Any) -> Any:
+    """Turn a YAML value or a CLI string into the field type `tp`."""
+    tp = _resolve(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+            return None
+        return coerce(args[0], raw)
+    if origin is list:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"expected a list or comma-separated string, got {raw!r}")
+        return [str(i).strip() for i in items if str(i).strip()]
+    if origin is dict:
+        if isinstance(raw, str):
+            pairs = [p for p in raw.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError(f"expected key=value pairs separated by commas, got {raw!r}")
+            raw = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a mapping, got {raw!r}")
+        return {str(k).strip(): str(v).strip() for k, v in raw.items()}
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        return int(raw)
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ValueError(f"expected a number, got {raw!r}")
+        return float(raw)
+    if tp is str:
+        if not isinstance(raw, (str, int, float)):
+            raise TypeError(f"expected a string, got {raw!r}")
+        return str(raw)
+    raise TypeError(f"unsupported field type {tp}")
+
+
+def field_table() -> list[dict[str, str]]:
+    """Rows (name, group, type, default, help) for docs and `--help`."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        tp = str(hints[f.name]).replace("typing.", "")
+        choices = f.metadata.get("choices")
+        rows.append({
+            "name": f.name,
+            "flag": "--" + f.name.replace("_", "-"),
+            "group": f.metadata["group"],
+            "type": " | ".join(choices) if choices else tp,
+            "default": repr(getattr(defaults, f.name)),
+            "help": f.metadata["help"],
+        })
+    return rows
