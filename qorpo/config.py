@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from qorpo.loss import DEFAULT_CHUNK_SIZE
+
 GROUPS = ("Model", "LoRA", "Data", "Training", "Output")
 
 
@@ -83,7 +85,8 @@ class TrainConfig:
     beta: float = _f(0.1, "Training", "Weight of the odds-ratio term (the paper's lambda).")
     sft_on_prompt: bool = _f(False, "Training", "Also score the chosen prompt tokens in the "
                              "SFT term (TRL / official ORPO behaviour).")
-    chunk_size: int = _f(1024, "Training", "Scored tokens per chunk in the vocab projection.")
+    chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "Training", "Scored tokens per chunk in the "
+                         "vocab projection (memory vs speed; see scripts/bench_loss.py).")
     learning_rate: float = _f(5e-5, "Training", "Peak learning rate.")
     lr_scheduler: str = _f("linear", "Training", "transformers scheduler name.")
     warmup_ratio: float = _f(0.1, "Training", "Fraction of steps for linear warm-up.")
@@ -131,8 +134,8 @@ class TrainConfig:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            problems.append(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         for name in ("beta", "learning_rate", "lora_alpha", "epochs"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}: must be > 0, got {getattr(self, name)}")

@@ -1,0 +1,238 @@
+"""Model side: dtype choice, 4-bit/8-bit loading, LoRA, gradient checkpointing, and the bridge
+from a (peft-wrapped) causal LM to the chunked loss: final hidden states + the model's own head.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from qorpo.config import TrainConfig
+from qorpo.loss import OutputHead, chunked_token_logps
+
+
+class ModelError(RuntimeError):
+    """A model qorpo cannot train as asked; the message says why and what to do."""
+
+
+class DtypeChoice(NamedTuple):
+    dtype: torch.dtype
+    name: str  # bf16 | fp16 | fp32
+    reason: str
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_of_process() -> torch.device:
+    """This process's device: its local GPU under accelerate/torchrun, else GPU 0, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
+    """auto: bf16 where the GPU has it, fp16 on older GPUs (T4/V100), fp32 on CPU."""
+    if requested != "auto":
+        if device.type == "cpu" and requested != "fp32":
+            return DtypeChoice(_DTYPES[requested], requested,
+                               f"asked for {requested}; note: emulated and slow on CPU")
+        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ModelError("bf16 was requested but this GPU has no bf16 support; "
+                             "use --dtype fp16 (or auto)")
+        return DtypeChoice(_DTYPES[requested], requested, "asked for")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.bfloat16, "bf16", f"{name} supports bf16")
+        return DtypeChoice(torch.float16, "fp16",
+                           f"{name} has no bf16: fp16 compute, fp32 LoRA weights, loss scaling")
+    return DtypeChoice(torch.float32, "fp32", "CPU: bf16 is emulated there, fp32 is faster")
+
+
+def quantization_config(quant: str, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(name: str, cfg: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code)
+
+
+def load_base_model(name: str, cfg: TrainConfig, dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle else True,
+        quantization_config=quantization_config(cfg.quant, dtype),
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        if not cfg.allow_pickle and "safetensors" in str(exc).lower():
+            raise ModelError(f"{name}: no safetensors weights found. qorpo does not load pickle "
+                             "(.bin) weights unless you pass --allow-pickle.") from exc
+        raise
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    keep_4bit_differentiable(model)
+    return model
+
+
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, a Linear4bit run in eval mode without grad converts its weight, in
+    place and for good, to a packed layout whose kernel (gemv_4bit) has no autograd. Any later
+    backward then silently drops the gradient through the frozen base weights, i.e. to every
+    LoRA layer below. Our parity check and eval run in eval mode before training, so turn the
+    repacking off. Returns how many modules were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
+    """Wrap in peft LoRA; non-reentrant gradient checkpointing; input grads enabled."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.quant != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs)
+        # prepare_model_for_kbit_training upcasts every non-quantised weight to fp32. For the
+        # frozen embedding and output head that doubles their memory (2 GB for a 128k vocab at
+        # 8B) and buys nothing: put them back in the compute dtype. Norms stay fp32.
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.to(dtype)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model.enable_input_require_grads()
+    targets: Any = cfg.lora_targets
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft: every linear layer except the output head
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, use_rslora=cfg.use_rslora, bias="none",
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(f"LoRA targets {cfg.lora_targets}: {exc}") from exc
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model under DDP/peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The model's own vocabulary projection and post-head transforms, for the chunked loss."""
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ModelError(f"{type(base).__name__} has no output embedding (lm_head) qorpo can use")
+    if getattr(head, "base_layer", None) is not None:  # a LoRA-wrapped head (user's choice)
+        raise ModelError("LoRA on the output head is not supported by the chunked loss; "
+                         "remove lm_head from --lora-targets")
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2 or weight.dtype in (torch.uint8, torch.int8):
+        raise ModelError(f"{type(base).__name__}: the output head is quantised or not a plain "
+                         "matrix; qorpo needs it in a float dtype")
+    cfg = base.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = 1.0
+    if getattr(text_cfg, "logit_scale", None):  # Cohere: logits * logit_scale
+        scale *= float(text_cfg.logit_scale)
+    if getattr(text_cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(text_cfg.logits_scaling)
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)  # Gemma-2/3
+    return OutputHead(weight, getattr(head, "bias", None), scale,
+                      float(softcap) if softcap else None)
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows, T, H) final (post-norm) hidden states, through every wrapper's own forward.
+
+    Going through `model(...)` keeps DDP/FSDP/peft hooks intact. `logits_to_keep=1` makes the
+    model project only one position per row (rows × V logits, negligible); the full hidden
+    states come from `output_hidden_states`, whose last entry is the normed output. They cost
+    no extra memory under gradient checkpointing: they are the tensors it keeps anyway.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+
+
+class ParityReport(NamedTuple):
+    max_abs_diff: float
+    tolerance: float
+    tokens: int
+
+
+def parity_check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 dtype: torch.dtype) -> ParityReport:
+    """Chunked log-probs from hidden states must equal the model's own logits' log-probs.
+
+    Catches architectures whose head does more than lm_head (+ softcap/scale) before a single
+    training step is wasted on a wrong loss.
+    """
+    base = _unwrap(model)
+    arch = type(base).__name__
+    if not supports_logits_to_keep(model):
+        raise ModelError(f"{arch}: its forward has no `logits_to_keep`, so qorpo cannot avoid "
+                         "computing full logits; this architecture is not supported")
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.05}.get(dtype, 0.1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            ref = full.logits[:, :-1].float().log_softmax(-1)
+            ref = ref.gather(2, input_ids[:, 1:, None]).squeeze(2)
+            hidden = final_hidden_states(model, input_ids, attention_mask)
+            mask = attention_mask[:, 1:].bool()
+            got = chunked_token_logps(hidden[:, :-1][mask], output_head(model),
+                                      input_ids[:, 1:][mask])
+    finally:
+        model.train(was_training)
+    diff = (got - ref[mask]).abs().max().item() if mask.any() else 0.0
+    if not diff <= tol:  # also catches NaN
+        raise ModelError(
+            f"{arch}: parity check failed — log-probs from hidden states and the output head "
+            f"differ from the model's own logits by {diff:.3g} (tolerance {tol:g} for {dtype}). "
+            "This architecture transforms its logits in a way qorpo does not reproduce; "
+            "please report it.")
+    return ParityReport(diff, tol, int(mask.sum()))
