@@ -1,0 +1,374 @@
+"""Preference-data formats: read a file or hub dataset, detect which layout its rows use,
+and turn a row into messages.
+
+Every format ends up as the same `Pair`: the prompt as a list of `{role, content}` messages
+(multi-turn kept whole, system turns as role "system") and the two responses as plain strings.
+A row that cannot be used raises `DropRow(reason)`; the reason is one of the `DROP_*` names so
+the report can count rows per reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import datasets
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """A problem with the data the user must fix (bad file, unknown format, nothing left)."""
+
+
+class DropRow(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Raised by `to_messages` for a row that is skipped (and counted under `reason`)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class Pair(NamedTuple):
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+# Drop reasons (keys of DataReport.dropped).
+DROP_MISSING = "missing field"
+DROP_EMPTY = "empty field"
+DROP_NOT_STRING = "non-string field"
+DROP_MALFORMED = "malformed conversation"
+DROP_PROMPTS_DIFFER = "chosen/rejected prompts differ"
+DROP_IDENTICAL = "identical chosen and rejected"
+DROP_TEMPLATE = "chat template error"
+DROP_PROMPT_TOO_LONG = "prompt too long"
+DROP_IDENTICAL_TRUNCATED = "identical after truncation"
+
+JSON_SUFFIXES = (".json", ".jsonl")
+FILE_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".csv")
+FORMATS = ("ultrafeedback", "explicit", "orca", "hh-rlhf", "sharegpt", "columns")
+FORMAT_HELP = {
+    "ultrafeedback": "chosen/rejected = full message lists sharing the prompt turns",
+    "explicit": "prompt, chosen, rejected (strings or message lists), optional system",
+    "orca": "system, question, chosen, rejected",
+    "hh-rlhf": "chosen/rejected = '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
+    "sharegpt": "conversations [{from, value}], chosen/rejected {from, value}",
+    "columns": "--columns prompt=COL,chosen=COL,rejected=COL[,system=COL]",
+}
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+          "gpt": "assistant", "model": "assistant"}
+
+
+# ----------------------------------------------------------------------------- loading
+def load_rows(source: str, *, split: str = "train", subset: str | None = None,
+              trust_remote_code: bool = False) -> datasets.Dataset:
+    """Rows of a local .json/.jsonl/.parquet/.csv file, a local dataset folder or a hub dataset."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_file(path)
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise DataError(f"data file not found: {source} (looked in {Path.cwd()}). Check the path, "
+                        "or pass a hub dataset name such as HuggingFaceH4/ultrafeedback_binarized.")
+    kwargs: dict[str, Any] = {"split": split}
+    if trust_remote_code:  # only old `datasets` accept it; new ones reject scripts anyway
+        kwargs["trust_remote_code"] = True
+    try:
+        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, **kwargs)
+    except Exception as exc:  # network, auth, unknown split or subset: all the user's to fix
+        raise DataError(f"could not load dataset {source!r} (split={split!r}, "
+                        f"subset={subset!r}): {exc}. For a local file use a .json, .jsonl, "
+                        ".parquet or .csv path; for the hub check the name, --split and "
+                        "--subset.") from exc
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise DataError(f"{path}: unknown data file extension {suffix!r}. Supported: "
+                        f"{', '.join(FILE_SUFFIXES)}; convert the file or pass a hub dataset.")
+    if suffix in JSON_SUFFIXES:
+        return _rows_to_dataset(_read_json(path), path)
+    import pyarrow.csv
+    import pyarrow.parquet
+    from datasets.table import InMemoryTable
+
+    try:
+        table = (pyarrow.parquet.read_table(path) if suffix == ".parquet"
+                 else pyarrow.csv.read_csv(path))
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: could not read the {suffix[1:]} file: {exc}") from exc
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows")
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, or JSON Lines (one object per line); errors name file:line."""
+    text = path.read_text(encoding="utf-8")
+    head = text.lstrip()[:1]
+    if head == "[" or (path.suffix.lower() == ".json" and head == "{" and _single_object(text)):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}). Fix the "
+                            "file: a JSON array of objects or JSON Lines.") from exc
+        rows = _unwrap(data, path)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: invalid JSON on line {n} ({exc.msg}). Each line of "
+                                "a .jsonl file must be one JSON object.") from exc
+            if not isinstance(rows[-1], dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got "
+                                f"{type(rows[-1]).__name__}")
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows
+
+
+def _single_object(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.msg != "Extra data"  # "Extra data": several objects, i.e. JSON Lines
+    return True
+
+
+def _unwrap(data: Any, path: Path) -> list[dict[str, Any]]:
+    if isinstance(data, dict):  # {"data": [...]} style: the one list of objects inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {i} is {type(row).__name__}, expected an object")
+    return data
+
+
+def _rows_to_dataset(rows: list[dict[str, Any]], path: Path) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (TypeError, ValueError) as exc:  # pyarrow's ArrowTypeError/ArrowInvalid
+        raise DataError(f"{path}: {_mixed_types(rows) or exc}. Every row must use the same "
+                        "type for a column (all strings or all message lists).") from exc
+
+
+def _mixed_types(rows: list[dict[str, Any]]) -> str | None:
+    seen: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = type(value).__name__
+            first = seen.setdefault(key, (kind, i))
+            if first[0] != kind:
+                return (f"column {key!r} is {first[0]} in row {first[1]} but {kind} in row {i}")
+    return None
+
+
+# ----------------------------------------------------------------------------- detection
+def detect_format(
+    column_names: Sequence[str], first_row: Mapping[str, Any], columns_mapping: Mapping[str, str]
+) -> str:
+    """Name of the format of a dataset from its columns (and the first usable row's types)."""
+    cols = set(column_names)
+    if columns_mapping:
+        _check_mapping(cols, columns_mapping)
+        return "columns"
+    if {"conversations", "chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"question", "chosen", "rejected"} <= cols:
+        return "orca"
+    if {"chosen", "rejected"} <= cols:
+        chosen = first_row.get("chosen")
+        if isinstance(chosen, list):
+            # Full conversations carry the prompt turns; TRL's explicit lists hold only the reply.
+            if any(isinstance(m, Mapping) and m.get("role") != "assistant" for m in chosen):
+                return "ultrafeedback"
+            if "prompt" in cols:
+                return "explicit"
+        elif "prompt" in cols:
+            return "explicit"
+        elif isinstance(chosen, str) and "Human:" in chosen and "Assistant:" in chosen:
+            return "hh-rlhf"
+    raise DataError(_unknown_format_message(sorted(cols)))
+
+
+def _unknown_format_message(cols: list[str]) -> str:
+    known = "\n".join(f"  {name:14s} {desc}" for name, desc in FORMAT_HELP.items())
+    return (f"could not detect the preference-data format. Columns found: {cols}.\n"
+            f"Known formats:\n{known}\n"
+            "Map your columns with --columns, e.g. --columns prompt=question,chosen=good,"
+            "rejected=bad (YAML: columns: {prompt: question, ...}).")
+
+
+def _check_mapping(cols: set[str], mapping: Mapping[str, str]) -> None:
+    wanted = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected")}
+    if "system" in mapping:
+        wanted["system"] = mapping["system"]
+    missing = {k: v for k, v in wanted.items() if v not in cols}
+    if missing:
+        shown = ", ".join(f"{k}={v}" for k, v in missing.items())
+        raise DataError(f"--columns maps {shown}, but the data has no such column. "
+                        f"Columns found: {sorted(cols)}. Fix the mapping (keys: prompt, "
+                        "chosen, rejected, system).")
+
+
+# ----------------------------------------------------------------------------- conversion
+def to_messages(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> Pair:
+    """Convert one row of format `fmt` to a Pair, or raise DropRow(reason)."""
+    if fmt == "ultrafeedback":
+        pair = _from_conversations(row)
+    elif fmt == "explicit":
+        pair = _explicit(row, "prompt", "system")
+    elif fmt == "orca":
+        pair = _explicit(row, "question", "system")
+    elif fmt == "columns":
+        names = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected")}
+        pair = _explicit(row, names["prompt"], columns.get("system", "system"),
+                         names["chosen"], names["rejected"])
+    elif fmt == "hh-rlhf":
+        pair = _from_hh(row)
+    elif fmt == "sharegpt":
+        pair = _from_sharegpt(row)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise DropRow(DROP_IDENTICAL)
+    return pair
+
+
+def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
+    if value is None:
+        raise DropRow(DROP_MISSING, field)
+    if not isinstance(value, str):
+        raise DropRow(DROP_NOT_STRING, f"{field} is {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DropRow(DROP_EMPTY, field)
+    return value
+
+
+def _message(m: Any, field: str, role_key: str = "role", text_key: str = "content") -> Message:
+    if not isinstance(m, Mapping):
+        raise DropRow(DROP_MALFORMED, f"{field}: message is {type(m).__name__}, not a mapping")
+    role = _ROLES.get(str(m.get(role_key)).lower())
+    if role is None:
+        raise DropRow(DROP_MALFORMED, f"{field}: unknown role {m.get(role_key)!r}")
+    # An empty system turn is a common placeholder; it is kept (and skipped later) not dropped.
+    content = _text(m.get(text_key), field, allow_empty=role == "system")
+    return {"role": role, "content": content}
+
+
+def _messages(value: Any, field: str, role_key: str = "role",
+              text_key: str = "content") -> list[Message]:
+    if value is None:
+        raise DropRow(DROP_MISSING, field)
+    if not isinstance(value, list):
+        raise DropRow(DROP_NOT_STRING, f"{field} is {type(value).__name__}")
+    msgs = [_message(m, field, role_key, text_key) for m in value]
+    msgs = [m for m in msgs if m["role"] != "system" or m["content"].strip()]
+    if not msgs:
+        raise DropRow(DROP_EMPTY, field)
+    return msgs
+
+
+def _reply(value: Any, field: str) -> str:
+    """A response given as a string or as a one-message assistant list (TRL conversational)."""
+    if isinstance(value, list):
+        msgs = _messages(value, field)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise DropRow(DROP_MALFORMED, f"{field}: expected one assistant message")
+        return msgs[0]["content"]
+    return _text(value, field)
+
+
+def _explicit(row: Mapping[str, Any], prompt_key: str, system_key: str,
+              chosen_key: str = "chosen", rejected_key: str = "rejected") -> Pair:
+    raw = row.get(prompt_key)
+    prompt = (_messages(raw, prompt_key) if isinstance(raw, list)
+              else [{"role": "user", "content": _text(raw, prompt_key)}])
+    system = row.get(system_key)
+    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return Pair(prompt, _reply(row.get(chosen_key), chosen_key),
+                _reply(row.get(rejected_key), rejected_key))
+
+
+def _split_last(msgs: list[Message], field: str) -> tuple[list[Message], str]:
+    if msgs[-1]["role"] != "assistant":
+        raise DropRow(DROP_MALFORMED, f"{field}: last message is not from the assistant")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def _shared_prompt(pc: list[Message], pr: list[Message]) -> list[Message]:
+    if pc != pr:
+        raise DropRow(DROP_PROMPTS_DIFFER)
+    if not pc:
+        raise DropRow(DROP_EMPTY, "prompt")
+    return pc
+
+
+def _from_conversations(row: Mapping[str, Any]) -> Pair:
+    pc, chosen = _split_last(_messages(row.get("chosen"), "chosen"), "chosen")
+    pr, rejected = _split_last(_messages(row.get("rejected"), "rejected"), "rejected")
+    if not pc and not pr and row.get("prompt") is not None:
+        # Reply-only lists next to a prompt string: the prompt column is the (single) user turn.
+        pc = pr = [{"role": "user", "content": _text(row.get("prompt"), "prompt")}]
+    return Pair(_shared_prompt(pc, pr), chosen, rejected)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def parse_hh(text: Any, field: str) -> list[Message]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{user: a}, {assistant: b}]."""
+    text = _text(text, field)
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip() or len(parts) < 3:
+        raise DropRow(DROP_MALFORMED, f"{field}: not a Human/Assistant transcript")
+    msgs = []
+    for who, said in zip(parts[1::2], parts[2::2], strict=True):
+        msgs.append({"role": "user" if who == "Human" else "assistant", "content": said.strip()})
+    for m in msgs[:-1]:
+        _text(m["content"], field)
+    return msgs
+
+
+def _from_hh(row: Mapping[str, Any]) -> Pair:
+    pc, chosen = _split_last(parse_hh(row.get("chosen"), "chosen"), "chosen")
+    pr, rejected = _split_last(parse_hh(row.get("rejected"), "rejected"), "rejected")
+    return Pair(_shared_prompt(pc, pr), _text(chosen, "chosen"), _text(rejected, "rejected"))
+
+
+def _sharegpt_reply(value: Any, field: str) -> str:
+    if isinstance(value, Mapping):
+        keys = ("from", "value") if "from" in value else ("role", "content")
+        msg = _message(value, field, *keys)
+        if msg["role"] != "assistant":
+            raise DropRow(DROP_MALFORMED, f"{field}: reply is from {msg['role']}")
+        return msg["content"]
+    return _text(value, field)
+
+
+def _from_sharegpt(row: Mapping[str, Any]) -> Pair:
+    conv = row.get("conversations")
+    keys = ("from", "value")
+    if isinstance(conv, list) and conv and isinstance(conv[0], Mapping) and "from" not in conv[0]:
+        keys = ("role", "content")  # the same layout with OpenAI-style keys
+    prompt = _messages(conv, "conversations", *keys)
+    return Pair(prompt, _sharegpt_reply(row.get("chosen"), "chosen"),
+                _sharegpt_reply(row.get("rejected"), "rejected"))
