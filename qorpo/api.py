@@ -94,6 +94,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(out_dir / "qorpo_config.yaml")
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
         model = load_base_model(cfg.model, cfg, dtype.dtype, device)
         model = add_lora(model, cfg, dtype.dtype)
@@ -120,6 +123,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         train_out = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:  # Ctrl-C: keep what was learned
         interrupted = True
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, RichProgressCallback):
+                cb.close()
     trainer.save_model(str(out_dir))  # adapter (PEFT format) + tokenizer with its template
     if interrupted:
         console.print(f"[yellow]Interrupted: adapter saved to {out_dir} at step "
@@ -201,10 +207,11 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
 def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool,
              max_new_tokens: int = 48) -> str:
     """Greedy reply to one user turn, with the adapter on or off (before/after, one model)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    ids = {k: v.to(model.device) for k, v in ids.items()}
+    from qorpo.data import prompt_ids
+
+    input_ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])],
+                             device=model.device)
+    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     was_training = model.training
     model.eval()
     try:

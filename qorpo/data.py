@@ -396,6 +396,16 @@ def _keep(tally: _Tally, row: int, fitted: _Fitted) -> None:
     tally.total += [len(chosen), len(rejected)]
 
 
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt exactly as training saw it (template, one BOS, no response), for
+    generation: what follows them is the model's reply."""
+    enc = _Encoder(tokenizer, tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
+    text = enc.render([messages], gen=True)[0]
+    if text is None:
+        raise DataError("the chat template failed to render this prompt")
+    return enc._with_bos(enc.ids([text])[0])
+
+
 # ----------------------------------------------------------------------------- prepare_data
 def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
                  console: Console | None = None) -> PreparedData:

@@ -58,6 +58,9 @@ class RichProgressCallback(TrainerCallback):
                 f"margin {logs.get('eval_rewards/margin', 0):+.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -1,0 +1,104 @@
+"""Model side: parity check across architectures, dtype choice, 4-bit gradients on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qorpo.config import TrainConfig
+from qorpo.loss import OutputHead
+from qorpo.model import (
+    ModelError,
+    add_lora,
+    choose_dtype,
+    final_hidden_states,
+    load_base_model,
+    output_head,
+    parity_check,
+)
+from tests.tiny import make_model
+
+CPU = torch.device("cpu")
+
+
+def load(path, quant="4bit"):
+    cfg = TrainConfig(model=str(path), quant=quant)
+    model = load_base_model(str(path), cfg, torch.float32, CPU)
+    return add_lora(model, cfg, torch.float32)
+
+
+def tokens(vocab=320, rows=2, t=11):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (rows, t), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding on one row
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_parity_check_passes(tmp_path, arch, tie):
+    model = load(make_model(tmp_path / "m", arch=arch, tie=tie))
+    ids, mask = tokens()
+    report = parity_check(model, ids, mask, torch.float32)
+    assert report.max_abs_diff <= 1e-4 and report.tokens == int(mask[:, 1:].sum())
+
+
+def test_parity_check_fails_loudly_for_a_head_it_cannot_reproduce(tmp_path, monkeypatch):
+    model = load(make_model(tmp_path / "m", arch="llama"))
+    import qorpo.model as qm
+
+    real = qm.output_head
+    # a model whose logits are soft-capped in a way the head description does not say
+    monkeypatch.setattr(qm, "output_head", lambda m: real(m)._replace(softcap=0.5))
+    with pytest.raises(ModelError, match="LlamaForCausalLM: parity check failed"):
+        parity_check(model, *tokens(), torch.float32)
+
+
+def test_output_head_reads_softcap_and_scaling(tmp_path):
+    path = make_model(tmp_path / "m", arch="llama", final_logit_softcapping=30.0,
+                      logits_scaling=4.0)
+    head = output_head(load(path))
+    assert isinstance(head, OutputHead)
+    assert head.softcap == 30.0 and head.logit_scale == pytest.approx(0.25)
+
+
+def test_dtype_choice_on_cpu_is_fp32():
+    choice = choose_dtype("auto", CPU)
+    assert choice.dtype == torch.float32 and "CPU" in choice.reason
+    assert choose_dtype("bf16", CPU).dtype == torch.bfloat16
+
+
+def test_lora_targets_all_linear_but_head(tmp_path):
+    model = load(make_model(tmp_path / "m", arch="llama"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("q_proj.lora_A" in n for n in names) and any("down_proj.lora_B" in n
+                                                             for n in names)
+    assert not any("lm_head" in n for n in names)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.__class__.__name__ \
+        == "Linear4bit"
+
+
+def test_4bit_gradients_survive_an_eval_pass(tmp_path):
+    """bitsandbytes repacks CPU 4-bit weights in eval mode into a kernel without autograd;
+    gradients to lower LoRA layers must be the same whether or not an eval pass came first."""
+    path = make_model(tmp_path / "m", arch="llama")
+    ids, mask = tokens()
+
+    def lower_layer_grad(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = load(path)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)  # make the LoRA path non-trivial
+        if eval_first:
+            parity_check(model, ids, mask, torch.float32)  # runs in eval mode, no grad
+        model.train()
+        final_hidden_states(model, ids, mask).pow(2).mean().backward()
+        layer0 = model.base_model.model.model.layers[0].self_attn.q_proj
+        return layer0.lora_A["default"].weight.grad.clone()
+
+    fresh, after_eval = lower_layer_grad(False), lower_layer_grad(True)
+    scale = fresh.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(after_eval / scale, fresh / scale, atol=1e-5, rtol=1e-5)
