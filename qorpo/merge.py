@@ -17,8 +17,10 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -1130,7 +1132,7 @@ def resolve_dtype(dtype: str, base_config: dict[str, Any]) -> tuple[str, str | N
 
 def merge(
     adapter_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] | None = None,
     dtype: str = "auto",
@@ -1143,7 +1145,7 @@ def merge(
     progress: bool = False,
     compute_dtype: torch.dtype = torch.float32,
 ) -> MergeResult:
-    """Merge the LoRA adapter in ``adapter_dir`` into its base model and save it to ``out_dir``.
+    """Merge the LoRA adapter in ``adapter_dir`` into its base model and save it to ``out``.
 
     ``base`` defaults to the adapter's ``base_model_name_or_path``. ``into="dequantized"`` first
     passes every 4-bit-quantised weight through the NF4 round trip training saw (in
@@ -1172,8 +1174,8 @@ def merge(
             f"({base_config['quantization_config'].get('quant_method')}); "
             "merge into the original 16/32-bit model instead: pass --base <original model>"
         )
-    out = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out, force, [adapter, base_dir])
+    out_dir = Path(out).expanduser().absolute()
+    _check_out_dir(out_dir, force, [adapter, base_dir])
     ckpt = open_base(base_dir, allow_pickle=allow_pickle)
     dtype_name, dtype_note = resolve_dtype(dtype, base_config)
     out_dtype = DTYPES[dtype_name]
@@ -1193,9 +1195,9 @@ def merge(
     else:
         _adapter_keys(adapter, allow_pickle)  # same pickle policy as the streaming path
         need = sum(_nbytes(_ST_NAMES[out_dtype], s) for _, s in ckpt.meta.values())
-    _check_disk(out.parent, need)
+    _check_disk(out_dir.parent, need)
     notes = [n for n in (dtype_note, info_note) if n]
-    with _staging(out) as tmp:
+    with _staging(out_dir) as tmp:
         if plan is not None:
             files = _stream_merge(
                 plan, ckpt, tmp, parse_size(max_shard_size), compute_dtype, progress
@@ -1216,17 +1218,19 @@ def merge(
         notes += [f"untied {k} from {info.tied[k]}: the adapter changes it" for k in untied]
         settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
         settings |= {"max_shard_size": max_shard_size, "untied": ", ".join(untied) or "-"}
-        tok_src = _write_model_files(tmp, out.name, adapter, base_dir, base_ref, settings, notes)
+        tok_src = _write_model_files(
+            tmp, out_dir.name, adapter, base_dir, base_ref, settings, notes
+        )
         report = _maybe_verify(tmp, adapter, ckpt, into, dtype_name, verify, notes)
     return MergeResult(
-        out_dir=out,
+        out_dir=out_dir,
         base=base_dir,
         adapter_dir=adapter,
         method=method,
         into=into,
         dtype=dtype_name,
         weight_files=tuple(files),
-        total_bytes=sum((out / f).stat().st_size for f in files),
+        total_bytes=sum((out_dir / f).stat().st_size for f in files),
         merged_modules=n_merged,
         replaced_tensors=n_replaced,
         untied=tuple(untied),
@@ -1302,3 +1306,19 @@ __all__ = [
     "peft_scale",
     "resolve_base",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``qorpo.merge(...)`` calls :func:`merge`.
+
+    Importing ``qorpo.merge`` binds the *module* as the package attribute ``qorpo.merge``, so a
+    plain function export would be shadowed; a callable module works both ways.
+    """
+
+    def __call__(
+        self, adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], **kwargs: Any
+    ) -> MergeResult:
+        return merge(adapter_dir, out, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -506,6 +506,15 @@ def test_base_resolved_from_the_local_hf_cache(tmp_path: Path, monkeypatch) -> N
         merge(adapter, tmp_path / "out2", base="acme/missing", verify=False)
 
 
+def test_qorpo_merge_is_callable_from_the_package(tmp_path: Path) -> None:
+    import qorpo
+
+    base = make_model(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["q_proj"])
+    result = qorpo.merge(adapter, out=tmp_path / "out", verify=False)  # as in the README
+    assert result.out_dir == tmp_path / "out" and qorpo.merge.merge is merge
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
