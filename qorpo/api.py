@@ -187,9 +187,7 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
         remove_unused_columns=False, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
-        # our gradient checkpointing is set up by qorpo.model; don't let the Trainer redo it
-        gradient_checkpointing=False,
-    )
+    )  # gradient checkpointing is set up by qorpo.model (non-reentrant), not by the Trainer
     trainer = ORPOTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,

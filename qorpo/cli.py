@@ -101,6 +101,11 @@ def version_command() -> None:
 
 
 def main() -> None:
+    import logging
+
+    # bitsandbytes warns at import that an optional CPU inference kernel (`kernels` package) is
+    # missing; qorpo never uses that path (see qorpo.model.keep_4bit_differentiable).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app(prog_name="qorpo")
 
 

@@ -4,8 +4,11 @@ from a (peft-wrapped) causal LM to the chunked loss: final hidden states + the m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -86,7 +89,8 @@ def load_base_model(name: str, cfg: TrainConfig, dtype: torch.dtype,
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with _quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as exc:
         if not cfg.allow_pickle and "safetensors" in str(exc).lower():
             raise ModelError(f"{name}: no safetensors weights found. qorpo does not load pickle "
@@ -114,15 +118,34 @@ def keep_4bit_differentiable(model: nn.Module) -> int:
     return changed
 
 
+@contextlib.contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """No tqdm bars (they garble rich output; qorpo shows a status line) and no v6-rename
+    FutureWarnings that peft's own calls trigger and users cannot act on."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6",
+                                    category=FutureWarning)
+            yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
     """Wrap in peft LoRA; non-reentrant gradient checkpointing; input grads enabled."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kwargs = {"use_reentrant": False}
     if cfg.quant != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs)
+        with _quiet_hf():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs=ckpt_kwargs)
         # prepare_model_for_kbit_training upcasts every non-quantised weight to fp32. For the
         # frozen embedding and output head that doubles their memory (2 GB for a 128k vocab at
         # 8B) and buys nothing: put them back in the compute dtype. Norms stay fp32.
