@@ -63,6 +63,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     keyword overrides win. Returns where everything went and the final metrics."""
     console = console or Console()
     cfg = resolve_config(config, **overrides)
+    if cfg.model and Path(cfg.model).expanduser().exists():
+        cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser()))
     demo_run = is_demo(cfg)
     if demo_run:
         console.print("[bold]No --model/--data given: running the offline demo "
@@ -94,6 +96,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(out_dir / "qorpo_config.yaml")
+    if cfg.resume is None:  # a fresh run starts a fresh metrics file; a resumed one appends
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     from transformers import set_seed
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter

@@ -100,8 +100,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm.")
     group_by_length: bool = _f(True, "Training", "Batch pairs of similar length (less padding).")
     seed: int = _f(42, "Training", "Random seed (data order, LoRA init, dropout).")
-    eval_steps: int | None = _f(None, "Training", "Evaluate every N steps (default: at the "
-                                "end, and every save).")
+    eval_steps: int | None = _f(None, "Training", "Evaluate every N steps (default: only "
+                                "before and after training).")
     # --- Output ----------------------------------------------------------------------------
     output_dir: str = _f("outputs/qorpo", "Output", "Where the adapter, tokenizer, config, "
                          "metrics and checkpoints go.")
@@ -266,7 +266,9 @@ def field_table() -> list[dict[str, str]]:
     rows = []
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        tp = str(hints[f.name]).replace("typing.", "")
+        hint = hints[f.name]
+        plain = typing.get_origin(hint) is None and isinstance(hint, type)
+        tp = hint.__name__ if plain else str(hint).replace("typing.", "")
         choices = f.metadata.get("choices")
         rows.append({
             "name": f.name,

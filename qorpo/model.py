@@ -38,19 +38,25 @@ def device_of_process() -> torch.device:
     return torch.device("cpu")
 
 
+def _native_bf16() -> bool:
+    # A T4 reports bf16 "supported" (emulated, slow, and fp16 is what its tensor cores do):
+    # only count native support (compute capability >= 8.0).
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     """auto: bf16 where the GPU has it, fp16 on older GPUs (T4/V100), fp32 on CPU."""
     if requested != "auto":
         if device.type == "cpu" and requested != "fp32":
             return DtypeChoice(_DTYPES[requested], requested,
                                f"asked for {requested}; note: emulated and slow on CPU")
-        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if requested == "bf16" and device.type == "cuda" and not _native_bf16():
             raise ModelError("bf16 was requested but this GPU has no bf16 support; "
                              "use --dtype fp16 (or auto)")
         return DtypeChoice(_DTYPES[requested], requested, "asked for")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported():
+        if _native_bf16():
             return DtypeChoice(torch.bfloat16, "bf16", f"{name} supports bf16")
         return DtypeChoice(torch.float16, "fp16",
                            f"{name} has no bf16: fp16 compute, fp32 LoRA weights, loss scaling")
