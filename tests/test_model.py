@@ -102,3 +102,24 @@ def test_4bit_gradients_survive_an_eval_pass(tmp_path):
     scale = fresh.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(after_eval / scale, fresh / scale, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("native_bf16,expected", [(False, torch.float16), (True, torch.bfloat16)])
+def test_dtype_choice_on_gpus(monkeypatch, native_bf16, expected):
+    """A T4 reports emulated bf16 as supported; qorpo must still pick fp16 there."""
+    import qorpo.model as qm
+
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return True if including_emulation else native_bf16  # what a T4 / an A100 answers
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    choice = qm.choose_dtype("auto", torch.device("cuda", 0))
+    assert choice.dtype == expected and calls == [False]
+    if not native_bf16:
+        assert "fp16 compute" in choice.reason
+        with pytest.raises(ModelError, match="no bf16"):
+            qm.choose_dtype("bf16", torch.device("cuda", 0))
