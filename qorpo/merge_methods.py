@@ -1,0 +1,156 @@
+"""The two merge methods: ``stream`` (tensor by tensor into planned shards) and ``full``
+(load the model, peft ``merge_and_unload()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qorpo.merge_common import PREFIX
+from qorpo.merge_io import BaseCheckpoint, ShardWriter, load_tensors, plan_shards
+from qorpo.merge_lora import nf4_round_trip
+from qorpo.merge_plan import ModelInfo, Plan, materialize
+
+
+def stream_merge(
+    plan: Plan,
+    base: BaseCheckpoint,
+    tmp: Path,
+    max_bytes: int,
+    compute_dtype: torch.dtype,
+    progress: bool,
+) -> list[str]:
+    """Base tensor by tensor (one input file at a time) into the planned shards; their names."""
+    writer = ShardWriter(tmp, plan_shards(plan.items, max_bytes))
+    groups = [(f, list(g)) for f, g in groupby(plan.items, key=lambda it: base.where[it.source])]
+    with _progress(progress, len(groups), "merging shards") as advance:
+        try:
+            for file, group in groups:
+                with base.reader(file) as get:
+                    for item in group:
+                        writer.write(item.key, materialize(item, get, compute_dtype))
+                        if item.touched:
+                            _release_freed_memory()
+                advance()
+            writer.close()
+        finally:
+            writer.abort()
+    return writer.names
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap back to the OS (glibc only; a no-op elsewhere).
+
+    After the first large free, glibc raises its mmap threshold, so later weight-sized fp32
+    temporaries land on the heap and fragment it: without a trim, RSS creeps up tensor by tensor.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*cols, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+# ----------------------------------------------------------------------------- full (peft) merge
+
+
+def full_merge(
+    adapter_dir: Path,
+    base: BaseCheckpoint,
+    info: ModelInfo,
+    tmp: Path,
+    out_dtype: torch.dtype,
+    *,
+    dequantize: bool,
+    max_shard_size: str | int,
+    compute_dtype: torch.dtype,
+) -> tuple[list[str], list[str], int]:
+    """Load in fp32, let peft merge_and_unload(), cast and save. Handles any peft adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base.path), dtype=torch.float32, use_safetensors=not base.pickle
+    )
+    if dequantize:
+        with torch.no_grad():
+            for key, is_conv in info.quantized.items():
+                param = model.get_parameter(key)
+                param.copy_(nf4_round_trip(param, transpose=is_conv, dtype=compute_dtype))
+    untied = _untie_for_peft(model, adapter_dir, info)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    n_modules = sum(
+        1 for m in peft_model.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")
+    )
+    merged = peft_model.merge_and_unload()
+    merged.to(out_dtype)
+    merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    files = sorted(p.name for p in tmp.glob("*.safetensors"))
+    return files, untied, n_modules
+
+
+def _untie_for_peft(model: Any, adapter_dir: Path, info: ModelInfo) -> list[str]:
+    """Give tied weights their own storage when the adapter touches one of them.
+
+    peft's merge_and_unload() adds the delta into the shared matrix, which also changes the
+    other end (for ensure_weight_tying adapters, it even adds it twice).
+    """
+    if not info.tied:
+        return []
+    state = load_tensors(adapter_dir, "adapter_model", allow_pickle=True)  # policy checked
+    keys = [k.removeprefix(PREFIX) for k in state]
+    untied = []
+    for target, source in info.tied.items():
+        mods = [m.removesuffix(".weight") for m in (target, source)]
+        if any(k.startswith(m + ".") for k in keys for m in mods):
+            module_name, param = target.rsplit(".", 1)
+            shared = model.get_parameter(source)
+            with torch.no_grad():  # what peft would load into the shared parameter
+                for m in mods:
+                    saved = state.get(f"{PREFIX}{m}.base_layer.weight")
+                    shared.copy_(saved) if saved is not None else None
+            setattr(
+                model.get_submodule(module_name), param, torch.nn.Parameter(shared.detach().clone())
+            )
+            untied.append(target)
+    if untied:
+        _set_tie_flag(model.config, False)
+    return untied
+
+
+def _set_tie_flag(config: Any, value: bool) -> None:
+    config.tie_word_embeddings = value
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = value
