@@ -55,6 +55,8 @@ class ORPOTrainer(Trainer):
         return int(mask[:b, 1:].sum())
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.window_pairs is None:  # first window of this train(): time from here, not
+            self.last_log_time = time.perf_counter()  # from init (eval may have run since)
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         totals = torch.tensor([sum(b["input_ids"].shape[0] // 2 for b in batches),
                                sum(self._sft_tokens(b) for b in batches)], dtype=torch.float64)
