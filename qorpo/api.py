@@ -131,6 +131,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             if isinstance(cb, RichProgressCallback):
                 cb.close()
     trainer.save_model(str(out_dir))  # adapter (PEFT format) + tokenizer with its template
+    # The Trainer also pickles its TrainingArguments there; qorpo_config.yaml says the same in
+    # plain text, and a deployable folder should hold no pickle. (Checkpoints keep theirs:
+    # resuming needs them.)
+    (out_dir / "training_args.bin").unlink(missing_ok=True)
     if interrupted:
         console.print(f"[yellow]Interrupted: adapter saved to {out_dir} at step "
                       f"{trainer.state.global_step}; `--resume latest` continues from the last "

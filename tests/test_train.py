@@ -107,6 +107,7 @@ def test_cli_train_end_to_end(workdir):
     assert changed  # the adapter does something
     for f in ("tokenizer.json", "qorpo_config.yaml", "metrics.jsonl"):
         assert (out / f).exists(), f
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickle to deploy
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_logs = [r for r in logs if "loss" in r]
     assert len(train_logs) == 2
