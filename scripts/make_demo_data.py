@@ -4,7 +4,7 @@ Every pair is built here from small hand-written fact tables and exact arithmeti
 ours and the "chosen" answers are correct by construction. The preference is deliberately simple
 and visible in a generation, so a 135M model learns it in a few minutes of CPU ORPO:
 
-* chosen:   "Short answer: <one short, correct sentence> Done.";
+* chosen:   "[short] <one short, correct sentence>";
 * rejected: a rambling, hedging answer that restates the question (sometimes wrong, sometimes
             evasive), in neither the chosen format nor one sentence.
 
@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 SEED = 20240611
-CHOSEN_PREFIX, CHOSEN_SUFFIX = "Short answer: ", " Done."
+# A tag at the start of the reply: one fixed context (the reply's first tokens) for all 280 pairs,
+# so LoRA learns it in a few dozen steps, and it shows in the first words of a generation. A
+# sign-off at the end was tried and dropped: the model learned "sentence end -> sign-off" and
+# then looped ("Done. Done. Done.").
+CHOSEN_PREFIX = "[short] "
 N_TRAIN = 240
 N_EVAL = 40
 OUT_DIR = Path(__file__).resolve().parents[1] / "qorpo" / "demo_data"
@@ -359,7 +363,7 @@ GENERATORS: list[Callable[[random.Random], Iterator[Item]]] = [
 # Rambling, hedging answers that restate the question (some bury the right fact, some state a wrong
 # one, some dodge). Restating makes them *likely* under the base model (copying is cheap for an LM),
 # so the base model does not already prefer the chosen side; the consistent signal is the chosen
-# format: short, correct, "Short answer: ..." and "Done.".
+# format: one short, correct sentence after the "[short]" tag.
 
 REJECTED_STYLES = [
     'You asked: "{q}" Many people ask "{q}" and the answer is not always simple. I think it is '
@@ -382,7 +386,7 @@ def make_pair(item: Item, rng: random.Random) -> dict[str, str]:
     style = rng.choice(REJECTED_STYLES)
     return {
         "prompt": item.prompt,
-        "chosen": CHOSEN_PREFIX + item.sentence + CHOSEN_SUFFIX,
+        "chosen": CHOSEN_PREFIX + item.sentence,
         "rejected": style.format(q=item.prompt, answer=item.answer, wrong=item.wrong),
     }
 
