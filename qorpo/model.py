@@ -168,7 +168,8 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
                       target_modules=targets, use_rslora=cfg.use_rslora, bias="none",
                       task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        with _quiet_hf():
+            return get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelError(f"LoRA targets {cfg.lora_targets}: {exc}") from exc
 
