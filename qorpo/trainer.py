@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from qorpo.loss import ORPOOutput, orpo_loss, pair_logps
+from qorpo.loss import DEFAULT_CHUNK_SIZE, ORPOOutput, orpo_loss, pair_logps
 from qorpo.model import final_hidden_states, output_head
 
 # Logged as means over pairs: name in the logs → field of ORPOOutput (per-pair or scalar)
@@ -38,7 +38,7 @@ class ORPOTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, beta: float = 0.1, sft_on_prompt: bool = False,
-                 chunk_size: int = 256, **kwargs: Any) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.beta, self.sft_on_prompt, self.chunk_size = beta, sft_on_prompt, chunk_size
         self.window_pairs: int | None = None
