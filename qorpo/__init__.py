@@ -2,14 +2,17 @@
 
     import qorpo
     result = qorpo.train(model=..., data=..., max_steps=200)   # qorpo.api.train
-    qorpo.merge(result.output_dir, out="merged")               # qorpo.merge.merge
+    qorpo.merge(result.output_dir, out="merged")               # qorpo.merging.merge
+
+See docs/architecture.md for which module owns what.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from qorpo._version import __version__
+
 __all__ = ["TrainConfig", "__version__", "merge", "train"]
 
 
@@ -19,14 +22,12 @@ def __getattr__(name: str) -> Any:
         from qorpo.api import train
 
         return train
+    if name == "merge":
+        from qorpo.merging import merge
+
+        return merge
     if name == "TrainConfig":
         from qorpo.config import TrainConfig
 
         return TrainConfig
-    if name == "merge":
-        import importlib
-
-        # the module itself is callable (see the end of qorpo/merge.py), so both
-        # `qorpo.merge(...)` and `from qorpo.merge import ...` work
-        return importlib.import_module("qorpo.merge")
     raise AttributeError(f"module 'qorpo' has no attribute {name!r}")

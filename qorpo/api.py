@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -13,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qorpo.config import TrainConfig
+from qorpo.demo import DEMO_PROMPTS
+from qorpo.errors import ConfigError, QorpoError
 from qorpo.progress import RichProgressCallback
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
@@ -49,12 +52,12 @@ def is_demo(cfg: TrainConfig) -> bool:
 
 def apply_demo_defaults(cfg: TrainConfig, console: Console) -> TrainConfig:
     """Fill in the offline demo model and data (and demo sizes where left at defaults)."""
-    from qorpo import demo
+    from qorpo.demo import demo_data_files, ensure_demo_model
 
     default = TrainConfig()
     changes = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(cfg, k) == getattr(default, k)}
-    files = demo.demo_data_files()
-    model_dir = demo.ensure_demo_model(console=console)
+    files = demo_data_files()
+    model_dir = ensure_demo_model(console=console)
     changes.update(model=str(model_dir), data=str(files.train), eval_data=str(files.eval))
     return dataclasses.replace(cfg, **changes).validate()
 
@@ -73,17 +76,16 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
                       "(SmolLM2-135M-Instruct on qorpo's demo preference set).[/]")
         cfg = apply_demo_defaults(cfg, console)
     elif cfg.model is None or cfg.data is None:
-        from qorpo.config import ConfigError
-
         raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
 
     # ---- setup
-    from qorpo.data import PairCollator, prepare_data
+    from qorpo.data.collate import PairCollator
+    from qorpo.data.prepare import prepare_data
     from qorpo.model import choose_dtype, device_of_process, load_tokenizer
 
     device = device_of_process()
     dtype = choose_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg.model, cfg)
+    tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer, console=console)
     steps = planned_steps(cfg, len(data.train))
     console.print(start_table(cfg, device, dtype, data, steps))
@@ -104,7 +106,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
-        model = load_base_model(cfg.model, cfg, dtype.dtype, device)
+        model = load_base_model(cfg, dtype.dtype, device)
         model = add_lora(model, cfg, dtype.dtype)
     batch = PairCollator(tokenizer.pad_token_id)([data.train[i]
                                                   for i in range(min(2, len(data.train)))])
@@ -119,7 +121,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- fit
     trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console)
     before: dict[str, float] = {}
-    prompts = _demo_prompts() if demo_run else []
+    prompts = list(DEMO_PROMPTS) if demo_run else []
     gens_before = [generate(model, tokenizer, p, adapter=False) for p in prompts]
     if data.eval is not None and cfg.resume is None:
         before = trainer.evaluate(metric_key_prefix="eval")
@@ -164,10 +166,10 @@ def _resume_arg(cfg: TrainConfig, out_dir: Path) -> str | bool | None:
         return None
     if cfg.resume == "latest":
         if not any(out_dir.glob("checkpoint-*")):
-            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {out_dir}")
+            raise QorpoError(f"--resume latest: no checkpoint-* folder in {out_dir}")
         return True
     if not Path(cfg.resume).is_dir():
-        raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder")
+        raise QorpoError(f"--resume {cfg.resume}: not a checkpoint folder")
     return cfg.resume
 
 
@@ -175,7 +177,7 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
                   dtype_name: str, device: torch.device, steps: int, console: Console) -> Any:
     from transformers import TrainingArguments
 
-    from qorpo.data import PairCollator
+    from qorpo.data.collate import PairCollator
     from qorpo.trainer import MetricsFileCallback, ORPOTrainer
 
     has_eval = data.eval is not None
@@ -212,34 +214,12 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
     return trainer
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool,
-             max_new_tokens: int = 48) -> str:
-    """Greedy reply to one user turn, with the adapter on or off (before/after, one model)."""
-    from qorpo.data import prompt_ids
+def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:
+    """Greedy reply to one user turn with the adapter on or off (before/after, one model)."""
+    from qorpo.hf import greedy_reply
 
-    input_ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])],
-                             device=model.device)
-    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                          pad_token_id=tokenizer.pad_token_id)
-            if adapter:
-                out = model.generate(**ids, **kwargs)
-            else:
-                with model.disable_adapter():
-                    out = model.generate(**ids, **kwargs)
-    finally:
-        model.train(was_training)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def _demo_prompts() -> list[str]:
-    from qorpo.demo import DEMO_PROMPTS
-
-    return list(DEMO_PROMPTS)
+    with contextlib.nullcontext() if adapter else model.disable_adapter():
+        return greedy_reply(model, tokenizer, prompt).text
 
 
 def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,

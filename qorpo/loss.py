@@ -29,17 +29,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from qorpo.config import DEFAULT_CHUNK_SIZE
+
 _LN2 = math.log(2.0)
 # Mean log-probs are clamped below this before log1mexp: at exactly 0 (fp32 certainty) the log
 # odds would be +inf and its gradient NaN. P = exp(-1e-6) is 0.999999: the clamp never binds on a
 # model that is still learning.
 LOGP_CEIL = -1e-6
-# Default rows per chunk. scripts/bench_loss.py (vocab 128,256, 4,096 scored tokens, H 512, fp32,
-# 2-core CPU): chunk 256 needs 279 MB beyond its inputs vs 6,028 MB for the full-logits path
-# (21.6x less) and ran 1.28x faster; chunk 128 saves little more memory (242 MB) and is slower,
-# chunk 1024 is no faster (1.35x) but needs 3.7x the memory. Extra memory is ~chunk x vocab x
-# 4 bytes x 2 buffers, so 256 keeps it ~250 MB even at a 128k vocab.
-DEFAULT_CHUNK_SIZE = 256
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-from qorpo.loss import DEFAULT_CHUNK_SIZE
+from qorpo.config import DEFAULT_CHUNK_SIZE
 
 GIB = 2**30
 

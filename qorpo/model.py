@@ -4,31 +4,24 @@ from a (peft-wrapped) causal LM to the chunked loss: final hidden states + the m
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
-import warnings
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from qorpo.config import TrainConfig
+from qorpo.errors import ModelError
+from qorpo.hf import DTYPES, quiet
 from qorpo.loss import OutputHead, chunked_token_logps
-
-
-class ModelError(RuntimeError):
-    """A model qorpo cannot train as asked; the message says why and what to do."""
+from qorpo.quant import bnb_config, keep_4bit_differentiable
 
 
 class DtypeChoice(NamedTuple):
     dtype: torch.dtype
     name: str  # bf16 | fp16 | fp32
     reason: str
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def device_of_process() -> torch.device:
@@ -48,12 +41,12 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     """auto: bf16 where the GPU has it, fp16 on older GPUs (T4/V100), fp32 on CPU."""
     if requested != "auto":
         if device.type == "cpu" and requested != "fp32":
-            return DtypeChoice(_DTYPES[requested], requested,
+            return DtypeChoice(DTYPES[requested], requested,
                                f"asked for {requested}; note: emulated and slow on CPU")
         if requested == "bf16" and device.type == "cuda" and not _native_bf16():
             raise ModelError("bf16 was requested but this GPU has no bf16 support; "
                              "use --dtype fp16 (or auto)")
-        return DtypeChoice(_DTYPES[requested], requested, "asked for")
+        return DtypeChoice(DTYPES[requested], requested, "asked for")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if _native_bf16():
@@ -63,83 +56,36 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     return DtypeChoice(torch.float32, "fp32", "CPU: bf16 is emulated there, fp32 is faster")
 
 
-def quantization_config(quant: str, dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quant == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
-def load_tokenizer(name: str, cfg: TrainConfig) -> Any:
+def load_tokenizer(cfg: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name, revision=cfg.revision,
+    return AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
 
 
-def load_base_model(name: str, cfg: TrainConfig, dtype: torch.dtype,
-                    device: torch.device) -> nn.Module:
+def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(
         revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
         use_safetensors=None if cfg.allow_pickle else True,
-        quantization_config=quantization_config(cfg.quant, dtype),
+        quantization_config=bnb_config(cfg.quant, dtype),
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        with _quiet_hf():
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     except OSError as exc:
         if not cfg.allow_pickle and "safetensors" in str(exc).lower():
-            raise ModelError(f"{name}: no safetensors weights found. qorpo does not load pickle "
-                             "(.bin) weights unless you pass --allow-pickle.") from exc
+            raise ModelError(f"{cfg.model}: no safetensors weights found. qorpo does not load "
+                             "pickle (.bin) weights unless you pass --allow-pickle.") from exc
         raise
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     keep_4bit_differentiable(model)
     return model
-
-
-def keep_4bit_differentiable(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
-
-    On CPUs with AVX512-BF16, a Linear4bit run in eval mode without grad converts its weight, in
-    place and for good, to a packed layout whose kernel (gemv_4bit) has no autograd. Any later
-    backward then silently drops the gradient through the frozen base weights, i.e. to every
-    LoRA layer below. Our parity check and eval run in eval mode before training, so turn the
-    repacking off. Returns how many modules were changed.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
-@contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """No tqdm bars (they garble rich output; qorpo shows a status line) and no v6-rename
-    FutureWarnings that peft's own calls trigger and users cannot act on."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6",
-                                    category=FutureWarning)
-            yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
@@ -148,7 +94,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
 
     ckpt_kwargs = {"use_reentrant": False}
     if cfg.quant != "none":
-        with _quiet_hf():
+        with quiet():
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                 gradient_checkpointing_kwargs=ckpt_kwargs)
@@ -168,7 +114,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
                       target_modules=targets, use_rslora=cfg.use_rslora, bias="none",
                       task_type="CAUSAL_LM")
     try:
-        with _quiet_hf():
+        with quiet():
             return get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelError(f"LoRA targets {cfg.lora_targets}: {exc}") from exc

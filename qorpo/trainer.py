@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from qorpo.loss import DEFAULT_CHUNK_SIZE, ORPOOutput, orpo_loss, pair_logps
+from qorpo.config import DEFAULT_CHUNK_SIZE
+from qorpo.errors import NonFiniteLossError
+from qorpo.loss import ORPOOutput, orpo_loss, pair_logps
 from qorpo.model import final_hidden_states, output_head
 
 # Logged as means over pairs: name in the logs → field of ORPOOutput (per-pair or scalar)
@@ -27,10 +29,6 @@ _PAIR_METRICS = {
     "log_odds": "log_odds", "logps/chosen": "chosen_logps", "logps/rejected": "rejected_logps",
     "rewards/chosen": "chosen_rewards", "rewards/rejected": "rejected_rewards",
 }
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the run stops instead of training on garbage."""
 
 
 class ORPOTrainer(Trainer):

@@ -110,7 +110,7 @@ def main() -> None:
         r["speedup"] = naive["seconds"] / r["seconds"]
         print(f"{r['variant']:<12} {r['extra_mb']:>10.1f} {r['mem_ratio']:>9.1f}x "
               f"{r['seconds']:>9.3f} {r['speedup']:>7.2f}x")
-    from qorpo.loss import DEFAULT_CHUNK_SIZE
+    from qorpo.config import DEFAULT_CHUNK_SIZE
 
     default = next((r for r in rows if r["variant"] == f"qorpo-{DEFAULT_CHUNK_SIZE}"), None)
     summary = {"bench": "loss", "vocab": args.vocab, "tokens": args.tokens,

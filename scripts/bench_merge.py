@@ -90,7 +90,7 @@ def child(role: str, work: Path, args: argparse.Namespace) -> None:
     import torch  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from qorpo.merge import merge
+    from qorpo.merging import merge
 
     start = time.perf_counter()
     if role != "baseline":

@@ -20,9 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from qorpo.demo import DEMO_PROMPTS  # noqa: E402
 
 SEED = 20240611
 # A tag at the start of the reply: one fixed context (the reply's first tokens) for all 280 pairs,
@@ -34,9 +39,7 @@ N_TRAIN = 240
 N_EVAL = 40
 OUT_DIR = Path(__file__).resolve().parents[1] / "qorpo" / "demo_data"
 
-# Held out (forced into eval) for the before/after generation; qorpo.demo.DEMO_PROMPTS mirrors it
-# and a test checks that the two agree. The base model rambles on both (and gets the first wrong).
-DEMO_PROMPTS = ("How many minutes are in 3 hours?", "What is a glacier?")
+# DEMO_PROMPTS (qorpo.demo, the one copy) are forced into eval for the before/after generation.
 
 
 class Item(NamedTuple):

@@ -17,17 +17,9 @@ import torch
 from rich.console import Console
 
 from qorpo.config import TrainConfig
-from qorpo.data import (
-    DEFAULT_CHAT_TEMPLATE,
-    DataError,
-    DataReport,
-    LengthStats,
-    PairCollator,
-    load_rows,
-    prepare_data,
-    setup_chat_template,
-)
-from qorpo.formats import (
+from qorpo.data.collate import PairCollator
+from qorpo.data.encode import DEFAULT_CHAT_TEMPLATE, setup_chat_template
+from qorpo.data.formats import (
     DROP_EMPTY,
     DROP_IDENTICAL,
     DROP_IDENTICAL_TRUNCATED,
@@ -42,6 +34,10 @@ from qorpo.formats import (
     detect_format,
     to_messages,
 )
+from qorpo.data.prepare import prepare_data
+from qorpo.data.report import DataReport, LengthStats
+from qorpo.data.sources import load_rows
+from qorpo.errors import DataError
 from tests.tiny import make_tokenizer
 
 END = "<|im_end|>"

@@ -1,4 +1,4 @@
-"""qorpo.merge: streaming LoRA merge == peft, NF4-aware merge, verification, crash safety, CLI."""
+"""qorpo.merging: streaming LoRA merge == peft, NF4-aware merge, verification, crash safety, CLI."""
 
 from __future__ import annotations
 
@@ -11,18 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qorpo.merge import (
-    LoraModule,
-    MergeError,
-    MergeVerificationError,
-    ShardWriter,
-    lora_delta,
-    merge,
-    model_info,
-    nf4_round_trip,
-    peft_scale,
-)
-from qorpo.merge_verify import compare, logits_of, prompt_ids, verify_merged
+from qorpo.errors import MergeError, MergeVerificationError
+from qorpo.merging import merge
+from qorpo.merging.adapter import LoraModule, lora_delta, peft_scale
+from qorpo.merging.plan import model_info
+from qorpo.merging.shards import ShardWriter
+from qorpo.merging.verify import compare, logits_of, prompt_batch, verify_merged
+from qorpo.quant import nf4_round_trip
 from tests.tiny import CHATML_TEMPLATE, make_model, make_tokenizer
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -281,7 +276,7 @@ def test_nf4_round_trip_is_what_the_4bit_model_holds(tmp_path: Path) -> None:
 def test_dequantized_merge_is_closer_to_4bit_training_model(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from qorpo.merge_verify import load_reference
+    from qorpo.merging.verify import load_reference
 
     base = make_model(tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL_LINEAR)
@@ -482,7 +477,7 @@ def test_output_is_a_plain_model_with_the_adapters_chat_template(tmp_path: Path)
     assert qorpo.__version__ in readme and "base_model:" in readme and "into | original" in readme
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.generation_config.eos_token_id == gen["eos_token_id"]
-    ids = prompt_ids(loaded_tok)[0]
+    ids = prompt_batch(loaded_tok)[0]
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > ids.shape[1]
 
@@ -512,21 +507,17 @@ def test_qorpo_merge_is_callable_from_the_package(tmp_path: Path) -> None:
     base = make_model(tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "a", r=2, lora_alpha=2, target_modules=["q_proj"])
     result = qorpo.merge(adapter, out=tmp_path / "out", verify=False)  # as in the README
-    assert result.out_dir == tmp_path / "out" and qorpo.merge.merge is merge
+    assert result.out_dir == tmp_path / "out" and qorpo.merge is merge
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def test_cli_merge_command(tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from qorpo.cli_merge import merge_command
+    from qorpo.cli import app
 
-    app = typer.Typer()
-    app.command("merge")(merge_command)
-    app.command("noop")(lambda: None)  # two commands: "merge" stays a subcommand, as in qorpo
     base = make_model(tmp_path / "base", max_shard_size="100KB")
     adapter = make_adapter(base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
     runner = CliRunner()

@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 def load(path, quant="4bit"):
     cfg = TrainConfig(model=str(path), quant=quant)
-    model = load_base_model(str(path), cfg, torch.float32, CPU)
+    model = load_base_model(cfg, torch.float32, CPU)
     return add_lora(model, cfg, torch.float32)
 
 

@@ -11,9 +11,10 @@ from typing import NamedTuple
 
 import torch
 
-from qorpo.merge_common import ST_DTYPES, ST_NAMES, MergeError
-from qorpo.merge_io import BaseCheckpoint
-from qorpo.merge_lora import Adapter, LoraModule, nf4_round_trip
+from qorpo.errors import MergeError
+from qorpo.merging.adapter import Adapter, LoraModule
+from qorpo.merging.checkpoint import ST_DTYPES, ST_NAMES, BaseCheckpoint, nbytes
+from qorpo.quant import nf4_round_trip
 
 # ----------------------------------------------------------------------------- model facts
 
@@ -23,9 +24,8 @@ class ModelInfo:
     """Facts about the base architecture, read off a weightless (meta-device) instance."""
 
     tied: dict[str, str] = field(default_factory=dict)  # tied weight -> the weight it shares
-    quantized: dict[str, bool] = field(
-        default_factory=dict
-    )  # weights bnb 4-bit quantises -> Conv1D?
+    # weights bnb 4-bit quantises -> whether stored (in, out) (Conv1D: quantised transposed)
+    quantized: dict[str, bool] = field(default_factory=dict)
     conv1d: frozenset[str] = frozenset()  # modules whose weight is stored (in, out)
     keep_fp32: tuple[str, ...] = ()
 
@@ -75,13 +75,12 @@ class Item:
     loras: list[LoraModule] = field(default_factory=list)
     bias_of: LoraModule | None = None
     replacement: torch.Tensor | None = None
-    nf4: bool | None = None  # NF4 round trip first; the value says "Conv1D (transposed)"
+    nf4: bool = False  # pass through the NF4 round trip first (into="dequantized")
+    transposed: bool = False  # stored (in, out), like Conv1D: quantised transposed
 
     @property
     def touched(self) -> bool:
-        return (
-            bool(self.loras or self.bias_of or self.nf4 is not None) or self.replacement is not None
-        )
+        return bool(self.loras or self.bias_of or self.nf4) or self.replacement is not None
 
 
 class Plan(NamedTuple):
@@ -89,6 +88,11 @@ class Plan(NamedTuple):
     untied: list[str]
     merged_modules: int
     replaced: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights the plan writes."""
+        return sum(nbytes(it.dtype, it.shape) for it in self.items)
 
 
 def _find_key(module: str, param: str, keys: set[str]) -> str | None:
@@ -133,7 +137,7 @@ def build_plan(
     if dequantize:
         for key, is_conv in info.quantized.items():
             if key in items and items[key].replacement is None:
-                items[key].nf4 = is_conv
+                items[key].nf4, items[key].transposed = True, is_conv
     untied = _settle_ties(items, tied, base, compute_dtype)
     return Plan(_ordered(items, base), untied, len(adapter.loras), len(adapter.replacements))
 
@@ -259,8 +263,8 @@ def materialize(
     w = item.replacement if item.replacement is not None else get(item.source)
     if not w.is_floating_point():
         return w
-    if item.nf4 is not None:
-        w = nf4_round_trip(w, transpose=item.nf4, dtype=compute_dtype)
+    if item.nf4:
+        w = nf4_round_trip(w, transpose=item.transposed, dtype=compute_dtype)
     if item.loras or item.bias_of is not None:
         w = w.to(torch.float32, copy=True)  # never modify the caller's (adapter) tensor
         for lora in item.loras:

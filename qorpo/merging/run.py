@@ -1,72 +1,45 @@
-"""Merge a LoRA adapter into its base model for deployment.
+"""``qorpo merge``: fold a LoRA adapter into its base model for deployment.
 
 The default *streaming* merge never builds the model: it walks the base checkpoint shard by
 shard, tensor by tensor, folds each LoRA delta in (in fp32) and streams the result straight into
 output safetensors files whose layout is planned up front, so peak memory stays around one input
-shard plus the adapter whatever the model size. ``method="full"`` loads the model and uses peft's
-``merge_and_unload()`` instead (for adapter features the streaming path does not handle).
+tensor plus the adapter whatever the model size. ``method="full"`` loads the model and uses
+peft's ``merge_and_unload()`` instead (for adapter features the streaming path does not handle).
 
 Everything is written into a temporary sibling of the output folder and renamed into place at
 the end: a crash, Ctrl-C or a full disk never leaves a half-written model behind.
-
-This module is the public entry and runs the steps; the parts live in
-``merge_common`` (errors, dtype tables), ``merge_lora`` (adapter, LoRA algebra, NF4),
-``merge_io`` (checkpoint reading, shard writing, base resolution, staging), ``merge_plan``
-(tensor-by-tensor plan), ``merge_methods`` (stream / full) and ``merge_output`` (config,
-tokenizer, model card). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-import types
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from qorpo.merge_common import DTYPES, ST_NAMES, MergeError, MergeVerificationError, nbytes, numel
-from qorpo.merge_io import (
+from qorpo.errors import MergeError, MergeVerificationError
+from qorpo.hf import DTYPES, short_dtype_name
+from qorpo.merging.adapter import adapter_keys, read_adapter, read_adapter_config
+from qorpo.merging.checkpoint import (
+    ST_NAMES,
     BaseCheckpoint,
-    ShardWriter,  # noqa: F401 - re-exported, like the other public names of the merge_* modules
-    check_disk,
-    check_out_dir,
+    nbytes,
+    numel,
     open_base,
-    parse_size,
-    plan_shards,  # noqa: F401
     resolve_base,
-    shard_names,  # noqa: F401
-    staging,
 )
-from qorpo.merge_lora import (
-    Adapter,  # noqa: F401
-    LoraModule,
-    adapter_keys,
-    check_streamable,  # noqa: F401
-    lora_delta,
-    nf4_round_trip,
-    peft_scale,
-    read_adapter,
-    read_adapter_config,
-)
-from qorpo.merge_methods import full_merge, stream_merge
-from qorpo.merge_output import end_of_turn_ids, write_model_files  # noqa: F401 - end_of_turn_ids
-from qorpo.merge_plan import (
-    Item,  # noqa: F401
-    ModelInfo,
-    Plan,
-    build_plan,
-    materialize,  # noqa: F401
-    model_info,
-)
+from qorpo.merging.methods import Merged, full_merge, stream_merge
+from qorpo.merging.output import write_model_files
+from qorpo.merging.plan import ModelInfo, build_plan, model_info
+from qorpo.merging.shards import check_disk, check_out_dir, parse_size, staging
 
 if TYPE_CHECKING:
-    from qorpo.merge_verify import VerifyReport
-
-_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    from qorpo.merging.verify import VerifyReport
 
 
 class MergeResult(NamedTuple):
@@ -96,9 +69,9 @@ def resolve_dtype(dtype: str, base_config: dict[str, Any]) -> tuple[str, str | N
             raise MergeError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
         return dtype, None
     for cfg in (base_config, base_config.get("text_config") or {}):
-        name = cfg.get("dtype") or cfg.get("torch_dtype")
-        if isinstance(name, str) and name.removeprefix("torch.") in _CONFIG_DTYPES:
-            return _CONFIG_DTYPES[name.removeprefix("torch.")], None
+        name = short_dtype_name(cfg.get("dtype") or cfg.get("torch_dtype"))
+        if name is not None:
+            return name, None
     return "fp32", "base config names no dtype; writing fp32"
 
 
@@ -138,33 +111,52 @@ def merge(
     out_dtype = DTYPES[dtype_name]
     info, info_note = _model_info_or_none(base_dir, needed=into == "dequantized")
     dequantize = into == "dequantized"
-    plan, need = _plan(
-        adapter, ckpt, info, out_dtype, method, dequantize, compute_dtype, allow_pickle
-    )
+    write: Callable[[Path], Merged]
+    if method == "stream":  # the plan is built, and fails, before the disk is touched
+        parsed = read_adapter(adapter, allow_pickle=allow_pickle)
+        plan = build_plan(
+            parsed, ckpt, info, out_dtype, dequantize=dequantize, compute_dtype=compute_dtype
+        )
+        need = plan.nbytes
+        write = partial(
+            stream_merge,
+            plan,
+            ckpt,
+            max_bytes=parse_size(max_shard_size),
+            compute_dtype=compute_dtype,
+            progress=progress,
+        )
+    else:
+        adapter_keys(adapter, allow_pickle)  # same pickle policy as the streaming path
+        need = sum(nbytes(ST_NAMES[out_dtype], s) for _, s in ckpt.meta.values())
+        write = partial(
+            full_merge,
+            adapter,
+            ckpt,
+            info,
+            out_dtype=out_dtype,
+            dequantize=dequantize,
+            max_shard_size=max_shard_size,
+            compute_dtype=compute_dtype,
+        )
     check_disk(out_dir.parent, need)
     notes = [n for n in (dtype_note, info_note) if n]
     with staging(out_dir) as tmp:
-        if plan is not None:
-            files = stream_merge(
-                plan, ckpt, tmp, parse_size(max_shard_size), compute_dtype, progress
-            )
-            untied, n_merged, n_replaced = plan.untied, plan.merged_modules, plan.replaced
-        else:
-            files, untied, n_merged = full_merge(
-                adapter,
-                ckpt,
-                info,
-                tmp,
-                out_dtype,
-                dequantize=dequantize,
-                max_shard_size=max_shard_size,
-                compute_dtype=compute_dtype,
-            )
-            n_replaced = 0
-        notes += [f"untied {k} from {info.tied[k]}: the adapter changes it" for k in untied]
+        merged = write(tmp)
+        notes += [f"untied {k} from {info.tied[k]}: the adapter changes it" for k in merged.untied]
         settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
-        settings |= {"max_shard_size": max_shard_size, "untied": ", ".join(untied) or "-"}
-        tok_src = write_model_files(tmp, out_dir.name, adapter, base_dir, base_ref, settings, notes)
+        settings |= {"max_shard_size": max_shard_size, "untied": ", ".join(merged.untied) or "-"}
+        tok_src, tok_notes = write_model_files(
+            tmp,
+            title=out_dir.name,
+            adapter=adapter,
+            base_dir=base_dir,
+            base_ref=base_ref,
+            dtype=dtype_name,
+            untied=bool(merged.untied),
+            settings=settings,
+        )
+        notes += tok_notes
         report = _maybe_verify(tmp, adapter, ckpt, into, dtype_name, verify, notes)
     return MergeResult(
         out_dir=out_dir,
@@ -173,11 +165,11 @@ def merge(
         method=method,
         into=into,
         dtype=dtype_name,
-        weight_files=tuple(files),
-        total_bytes=sum((out_dir / f).stat().st_size for f in files),
-        merged_modules=n_merged,
-        replaced_tensors=n_replaced,
-        untied=tuple(untied),
+        weight_files=tuple(merged.files),
+        total_bytes=sum((out_dir / f).stat().st_size for f in merged.files),
+        merged_modules=merged.merged_modules,
+        replaced_tensors=merged.replaced_tensors,
+        untied=tuple(merged.untied),
         tokenizer_source=tok_src,
         verification=report,
         notes=tuple(notes),
@@ -220,32 +212,6 @@ def _model_info_or_none(base_dir: Path, *, needed: bool) -> tuple[ModelInfo, str
         return ModelInfo(), f"architecture not instantiable ({exc}); tied weights not checked"
 
 
-def _plan(
-    adapter: Path,
-    ckpt: BaseCheckpoint,
-    info: ModelInfo,
-    out_dtype: torch.dtype,
-    method: str,
-    dequantize: bool,
-    compute_dtype: torch.dtype,
-    allow_pickle: bool,
-) -> tuple[Plan | None, int]:
-    """The streaming plan (built, and failing, before the disk is touched); bytes to write."""
-    if method == "stream":
-        parsed = read_adapter(adapter, allow_pickle=allow_pickle)
-        plan = build_plan(
-            parsed,
-            ckpt,
-            info,
-            out_dtype,
-            dequantize=dequantize,
-            compute_dtype=compute_dtype,
-        )
-        return plan, sum(nbytes(it.dtype, it.shape) for it in plan.items)
-    adapter_keys(adapter, allow_pickle)  # same pickle policy as the streaming path
-    return None, sum(nbytes(ST_NAMES[out_dtype], s) for _, s in ckpt.meta.values())
-
-
 def _maybe_verify(
     tmp: Path,
     adapter: Path,
@@ -255,7 +221,7 @@ def _maybe_verify(
     verify: bool | None,
     notes: list[str],
 ) -> VerifyReport | None:
-    from qorpo.merge_verify import verification_budget, verify_merged
+    from qorpo.merging.verify import verification_budget, verify_merged
 
     if verify is False:
         return None
@@ -278,33 +244,3 @@ def _maybe_verify(
             f"merged model disagrees with base + adapter: {report.summary()}", report
         )
     return report
-
-
-__all__ = [
-    "DTYPES",
-    "LoraModule",
-    "MergeError",
-    "MergeResult",
-    "MergeVerificationError",
-    "lora_delta",
-    "merge",
-    "nf4_round_trip",
-    "peft_scale",
-    "resolve_base",
-]
-
-
-class _CallableModule(types.ModuleType):
-    """``qorpo.merge(...)`` calls :func:`merge`.
-
-    Importing ``qorpo.merge`` binds the *module* as the package attribute ``qorpo.merge``, so a
-    plain function export would be shadowed; a callable module works both ways.
-    """
-
-    def __call__(
-        self, adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], **kwargs: Any
-    ) -> MergeResult:
-        return merge(adapter_dir, out, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

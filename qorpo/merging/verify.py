@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from qorpo.data.encode import prompt_ids
+from qorpo.hf import quiet
+from qorpo.quant import bnb_config, keep_4bit_differentiable
 
 PROMPTS = (
     "What is the capital of France?",
@@ -101,19 +102,10 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> LogitGa
     )
 
 
-def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS) -> list[torch.Tensor]:
-    """The prompts rendered through the chat template (plain text without one)."""
-    out = []
-    for prompt in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out.append(ids)
-    return out
+def prompt_batch(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS) -> list[torch.Tensor]:
+    """(1, T) ids of each prompt, encoded exactly as training encodes prompts."""
+    return [torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])
+            for p in prompts]
 
 
 @torch.no_grad()
@@ -132,51 +124,16 @@ def load_reference(
 ) -> Any:
     """base + adapter as peft builds it; ``four_bit``: the NF4 double-quant base of training."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": use_safetensors}
     if four_bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
+        kwargs["quantization_config"] = bnb_config("4bit", torch.float32)
         kwargs["device_map"] = "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
-    if four_bit:
-        _use_training_matmul(base)
+    # compute like training did: dequantise + fp32 matmul, not bnb's bf16 CPU inference kernel
+    keep_4bit_differentiable(base)
     return PeftModel.from_pretrained(base, str(adapter_dir))
-
-
-def _use_training_matmul(model: Any) -> None:
-    """Make bnb 4-bit layers compute like they did in training: dequantise, fp32 matmul.
-
-    On CPUs with AVX512-BF16, bitsandbytes' *inference* path (eval, no grad) repacks the weights
-    for a bf16 kernel, which adds ~1e-2 logit noise that training (grad enabled) never had.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No per-model "Loading weights" bars or library deprecation noise in the merge output."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _reference_logits(
@@ -235,7 +192,7 @@ def verify_merged(
     use_safetensors: bool = True,
 ) -> VerifyReport:
     """Compare ``merged_dir`` with base + adapter; ``other=None`` adds the other gap when cheap."""
-    with _quiet():
+    with quiet():
         return _verify(
             Path(merged_dir), Path(adapter_dir), Path(base_dir), into, dtype, other, use_safetensors
         )
@@ -252,7 +209,7 @@ def _verify(
 ) -> VerifyReport:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ids = prompt_ids(AutoTokenizer.from_pretrained(str(merged_dir)))
+    ids = prompt_batch(AutoTokenizer.from_pretrained(str(merged_dir)))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))  # its own dtype, no peft
     n_params = sum(p.numel() for p in merged.parameters())
     got = logits_of(merged, ids)

@@ -1,5 +1,5 @@
-"""The two merge methods: ``stream`` (tensor by tensor into planned shards) and ``full``
-(load the model, peft ``merge_and_unload()``)."""
+"""The two merge methods, one result type: ``stream`` (tensor by tensor into planned shards) and
+``full`` (load the model, peft ``merge_and_unload()``)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from qorpo.merge_common import PREFIX
-from qorpo.merge_io import BaseCheckpoint, ShardWriter, load_tensors, plan_shards
-from qorpo.merge_lora import nf4_round_trip
-from qorpo.merge_plan import ModelInfo, Plan, materialize
+from qorpo.merging.adapter import PREFIX
+from qorpo.merging.checkpoint import BaseCheckpoint, load_tensors
+from qorpo.merging.plan import ModelInfo, Plan, materialize
+from qorpo.merging.shards import ShardWriter, plan_shards
+from qorpo.quant import nf4_round_trip
+
+
+class Merged(NamedTuple):
+    """What a merge method wrote into the staging folder."""
+
+    files: list[str]  # weight files
+    untied: list[str]  # tied weights written separately because the adapter changes one
+    merged_modules: int  # LoRA modules folded into base weights
+    replaced_tensors: int  # tensors copied whole from the adapter (modules_to_save, ...)
 
 
 def stream_merge(
@@ -24,8 +34,8 @@ def stream_merge(
     max_bytes: int,
     compute_dtype: torch.dtype,
     progress: bool,
-) -> list[str]:
-    """Base tensor by tensor (one input file at a time) into the planned shards; their names."""
+) -> Merged:
+    """Base tensor by tensor (one input file at a time) into the planned shards."""
     writer = ShardWriter(tmp, plan_shards(plan.items, max_bytes))
     groups = [(f, list(g)) for f, g in groupby(plan.items, key=lambda it: base.where[it.source])]
     with _progress(progress, len(groups), "merging shards") as advance:
@@ -40,7 +50,7 @@ def stream_merge(
             writer.close()
         finally:
             writer.abort()
-    return writer.names
+    return Merged(writer.names, plan.untied, plan.merged_modules, plan.replaced)
 
 
 def _release_freed_memory() -> None:
@@ -95,7 +105,7 @@ def full_merge(
     dequantize: bool,
     max_shard_size: str | int,
     compute_dtype: torch.dtype,
-) -> tuple[list[str], list[str], int]:
+) -> Merged:
     """Load in fp32, let peft merge_and_unload(), cast and save. Handles any peft adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -117,7 +127,7 @@ def full_merge(
     merged.to(out_dtype)
     merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     files = sorted(p.name for p in tmp.glob("*.safetensors"))
-    return files, untied, n_modules
+    return Merged(files, untied, n_modules, 0)
 
 
 def _untie_for_peft(model: Any, adapter_dir: Path, info: ModelInfo) -> list[str]:

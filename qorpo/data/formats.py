@@ -1,5 +1,5 @@
-"""Preference-data formats: read a file or hub dataset, detect which layout its rows use,
-and turn a row into messages.
+"""Preference-data formats: detect which layout a dataset's rows use, and turn a row into
+messages.
 
 Every format ends up as the same `Pair`: the prompt as a list of `{role, content}` messages
 (multi-turn kept whole, system turns as role "system") and the two responses as plain strings.
@@ -9,19 +9,13 @@ the report can count rows per reason.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import datasets
+from qorpo.errors import DataError
 
 Message = dict[str, str]
-
-
-class DataError(ValueError):
-    """A problem with the data the user must fix (bad file, unknown format, nothing left)."""
 
 
 class DropRow(Exception):  # noqa: N818 - it is a control-flow signal, not an error
@@ -50,8 +44,6 @@ DROP_TEMPLATE = "chat template error"
 DROP_PROMPT_TOO_LONG = "prompt too long"
 DROP_IDENTICAL_TRUNCATED = "identical after truncation"
 
-JSON_SUFFIXES = (".json", ".jsonl")
-FILE_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".csv")
 FORMATS = ("ultrafeedback", "explicit", "orca", "hh-rlhf", "sharegpt", "columns")
 FORMAT_HELP = {
     "ultrafeedback": "chosen/rejected = full message lists sharing the prompt turns",
@@ -63,121 +55,6 @@ FORMAT_HELP = {
 }
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
           "gpt": "assistant", "model": "assistant"}
-
-
-# ----------------------------------------------------------------------------- loading
-def load_rows(source: str, *, split: str = "train", subset: str | None = None,
-              trust_remote_code: bool = False) -> datasets.Dataset:
-    """Rows of a local .json/.jsonl/.parquet/.csv file, a local dataset folder or a hub dataset."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return _load_file(path)
-    if path.suffix.lower() in FILE_SUFFIXES:
-        raise DataError(f"data file not found: {source} (looked in {Path.cwd()}). Check the path, "
-                        "or pass a hub dataset name such as HuggingFaceH4/ultrafeedback_binarized.")
-    kwargs: dict[str, Any] = {"split": split}
-    if trust_remote_code:  # only old `datasets` accept it; new ones reject scripts anyway
-        kwargs["trust_remote_code"] = True
-    try:
-        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, **kwargs)
-    except Exception as exc:  # network, auth, unknown split or subset: all the user's to fix
-        raise DataError(f"could not load dataset {source!r} (split={split!r}, "
-                        f"subset={subset!r}): {exc}. For a local file use a .json, .jsonl, "
-                        ".parquet or .csv path; for the hub check the name, --split and "
-                        "--subset.") from exc
-
-
-def _load_file(path: Path) -> datasets.Dataset:
-    suffix = path.suffix.lower()
-    if suffix not in FILE_SUFFIXES:
-        raise DataError(f"{path}: unknown data file extension {suffix!r}. Supported: "
-                        f"{', '.join(FILE_SUFFIXES)}; convert the file or pass a hub dataset.")
-    if suffix in JSON_SUFFIXES:
-        return _rows_to_dataset(_read_json(path), path)
-    import pyarrow.csv
-    import pyarrow.parquet
-    from datasets.table import InMemoryTable
-
-    try:
-        table = (pyarrow.parquet.read_table(path) if suffix == ".parquet"
-                 else pyarrow.csv.read_csv(path))
-    except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"{path}: could not read the {suffix[1:]} file: {exc}") from exc
-    if table.num_rows == 0:
-        raise DataError(f"{path}: the file has no rows")
-    return datasets.Dataset(InMemoryTable(table))
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    """A JSON array of objects, or JSON Lines (one object per line); errors name file:line."""
-    text = path.read_text(encoding="utf-8")
-    head = text.lstrip()[:1]
-    if head == "[" or (path.suffix.lower() == ".json" and head == "{" and _single_object(text)):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}). Fix the "
-                            "file: a JSON array of objects or JSON Lines.") from exc
-        rows = _unwrap(data, path)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: invalid JSON on line {n} ({exc.msg}). Each line of "
-                                "a .jsonl file must be one JSON object.") from exc
-            if not isinstance(rows[-1], dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got "
-                                f"{type(rows[-1]).__name__}")
-    if not rows:
-        raise DataError(f"{path}: the file has no rows")
-    return rows
-
-
-def _single_object(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        return exc.msg != "Extra data"  # "Extra data": several objects, i.e. JSON Lines
-    return True
-
-
-def _unwrap(data: Any, path: Path) -> list[dict[str, Any]]:
-    if isinstance(data, dict):  # {"data": [...]} style: the one list of objects inside
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {i} is {type(row).__name__}, expected an object")
-    return data
-
-
-def _rows_to_dataset(rows: list[dict[str, Any]], path: Path) -> datasets.Dataset:
-    try:
-        return datasets.Dataset.from_list(rows)
-    except (TypeError, ValueError) as exc:  # pyarrow's ArrowTypeError/ArrowInvalid
-        raise DataError(f"{path}: {_mixed_types(rows) or exc}. Every row must use the same "
-                        "type for a column (all strings or all message lists).") from exc
-
-
-def _mixed_types(rows: list[dict[str, Any]]) -> str | None:
-    seen: dict[str, tuple[str, int]] = {}
-    for i, row in enumerate(rows):
-        for key, value in row.items():
-            if value is None:
-                continue
-            kind = type(value).__name__
-            first = seen.setdefault(key, (kind, i))
-            if first[0] != kind:
-                return (f"column {key!r} is {first[0]} in row {first[1]} but {kind} in row {i}")
-    return None
 
 
 # ----------------------------------------------------------------------------- detection

@@ -1,5 +1,5 @@
-"""LoRA side of the merge: the delta algebra, peft's scaling, the NF4 round trip, and parsing
-an adapter folder into :class:`LoraModule` s (refusing what the streaming merge can't do)."""
+"""The adapter side of the merge: LoRA delta algebra, peft's scaling, and parsing an adapter
+folder into :class:`LoraModule` s (refusing what the streaming merge can't do exactly)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
-from qorpo.merge_common import PREFIX, MergeError
-from qorpo.merge_io import check_pickle, load_tensors
+from qorpo.errors import MergeError
+from qorpo.merging.checkpoint import check_pickle, load_tensors
+
+PREFIX = "base_model.model."  # of every tensor key in a peft adapter file
 
 # LoRA variants whose merge is not W + s·B@A (or not expressible tensor by tensor).
 _UNSUPPORTED_FLAGS = (
@@ -97,23 +99,6 @@ def peft_scale(config: dict[str, Any], module: str, rank: int) -> float:
         )
     alpha = float(lookup(config.get("alpha_pattern"), config.get("lora_alpha", 8)))
     return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-
-
-def nf4_round_trip(
-    weight: torch.Tensor, *, transpose: bool = False, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """The weight as a bitsandbytes NF4 double-quant Linear4bit hands it to the matmul.
-
-    Same call as transformers' ``load_in_4bit`` (blocksize 64, double quant), in the training
-    compute dtype; Conv1D weights are quantised transposed, as transformers does.
-    """
-    import bitsandbytes.functional as bnbf
-
-    w = weight.to(dtype)
-    w = w.T.contiguous() if transpose else w
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    out = bnbf.dequantize_4bit(packed, state).to(dtype)
-    return out.T.contiguous() if transpose else out
 
 
 # ----------------------------------------------------------------------------- the adapter

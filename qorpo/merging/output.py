@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qorpo._version import __version__
+from qorpo.hf import CONFIG_NAMES
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -46,7 +49,7 @@ def _write_config(tmp: Path, base_dir: Path, dtype: str, untied: bool) -> dict[s
     src = tmp / "config.json" if (tmp / "config.json").is_file() else base_dir / "config.json"
     config = json.loads(src.read_text())
     config.pop("quantization_config", None)
-    torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    torch_name = CONFIG_NAMES[dtype]
     for cfg in (config, config.get("text_config")):
         if isinstance(cfg, dict):
             cfg.pop("quantization_config", None)
@@ -95,15 +98,13 @@ def _save_tokenizer(tmp: Path, source: Path, base_dir: Path) -> tuple[Any, list[
 def _write_readme(
     tmp: Path, title: str, base_ref: str, adapter_dir: Path, settings: dict[str, Any]
 ) -> None:
-    import qorpo
-
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
     (tmp / "README.md").write_text(
         f"---\nbase_model: {base_ref}\nlibrary_name: transformers\n"
         "tags: [qorpo, orpo, lora, merged]\n---\n\n"
         f"# {title}\n\n"
         f"LoRA adapter `{adapter_dir.name}` merged into `{base_ref}` with qorpo "
-        f"{qorpo.__version__}. Loads with plain `transformers` "
+        f"{__version__}. Loads with plain `transformers` "
         "(`AutoModelForCausalLM.from_pretrained`); needs neither peft nor qorpo.\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n"
     )
@@ -111,18 +112,20 @@ def _write_readme(
 
 def write_model_files(
     tmp: Path,
+    *,
     title: str,
     adapter: Path,
     base_dir: Path,
     base_ref: str,
+    dtype: str,
+    untied: bool,
     settings: dict[str, Any],
-    notes: list[str],
-) -> Path:
-    """Everything but the weights: config, tokenizer (+ chat template), generation config, card."""
+) -> tuple[Path, list[str]]:
+    """Everything but the weights: config, tokenizer (+ chat template), generation config, card.
+    Returns where the tokenizer came from and notes for the user."""
     tok_src = _tokenizer_source(adapter, base_dir)
-    config = _write_config(tmp, base_dir, settings["dtype"], settings["untied"] != "-")
-    tokenizer, tok_notes = _save_tokenizer(tmp, tok_src, base_dir)
-    notes += tok_notes
+    config = _write_config(tmp, base_dir, dtype, untied)
+    tokenizer, notes = _save_tokenizer(tmp, tok_src, base_dir)
     _write_generation_config(tmp, base_dir, config, end_of_turn_ids(tokenizer))
     _write_readme(tmp, title, base_ref, adapter, settings)
-    return tok_src
+    return tok_src, notes

@@ -1,0 +1,77 @@
+"""Small bridges to Hugging Face libraries, one of each: quiet loading, dtype names, and a greedy
+chat reply encoded exactly as training encodes prompts."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+# Short names (CLI, configs, reports) -> torch dtypes and the names config.json uses.
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                  "fp32": torch.float32}
+CONFIG_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def short_dtype_name(config_name: Any) -> str | None:
+    """'bfloat16' / 'torch.float16' (a config.json dtype) -> 'bf16' / 'fp16'; None if other."""
+    if not isinstance(config_name, str):
+        return None
+    plain = config_name.removeprefix("torch.")
+    return next((short for short, name in CONFIG_NAMES.items() if name == plain), None)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No tqdm bars (they garble rich output; qorpo shows its own status) and no library
+    deprecation noise (v6 renames, peft internals) that users cannot act on."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    module=r"(transformers|peft|bitsandbytes|accelerate)\b")
+            yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+class Reply(NamedTuple):
+    text: str
+    stopped: bool  # ended at an end-of-turn/EOS token, not at max_new_tokens
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end a reply: the generation config's, else the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+
+
+def greedy_reply(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 48) -> Reply:
+    """Greedy reply to one user turn; the prompt is encoded as training encodes it (chat
+    template, one BOS, no response)."""
+    from qorpo.data.encode import prompt_ids
+
+    input_ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])],
+                             device=model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+    finally:
+        model.train(was_training)
+    new = out[0, input_ids.shape[1]:].tolist()
+    stopped = bool(new) and new[-1] in eos_ids(model, tokenizer)
+    return Reply(tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
