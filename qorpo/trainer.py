@@ -83,7 +83,7 @@ class ORPOTrainer(Trainer):
         if not torch.isfinite(loss.detach()):
             rows = inputs["row"].tolist() if "row" in inputs else "?"
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.state.global_step}, batch rows "
+                f"non-finite loss ({loss.item()}) in step {self.state.global_step + 1}, batch rows "
                 f"{rows} (nll {out.nll.item():.4g}, ratio loss {out.ratio_loss.item():.4g}). "
                 "Stopping. Try a lower --learning-rate, --dtype fp32/bf16, or check those rows.")
         if training:
@@ -156,3 +156,30 @@ class MetricsFileCallback(TrainerCallback):
             record = {"step": state.global_step, "time": time.time(), **logs}
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class CheckpointCallback(TrainerCallback):
+    """Makes checkpoints trustworthy for --resume.
+
+    * Every checkpoint step is also a logging step (and so is the last step), so the losses of
+      all steps up to a checkpoint are in its log history: a resumed run reports the whole run's
+      train loss, not only its own steps.
+    * After the Trainer has written everything into checkpoint-N, the marker goes in last
+      (with the run's fingerprint): a checkpoint without it was cut short and is never resumed.
+    """
+
+    def __init__(self, fingerprint: dict[str, Any]) -> None:
+        self.fingerprint = fingerprint
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from qorpo.runs import mark_checkpoint
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            mark_checkpoint(folder, self.fingerprint, state.global_step)
+

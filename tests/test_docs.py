@@ -56,7 +56,7 @@ def test_options_md_lists_every_field_with_its_default():
 # ----------------------------------------------------------------------------- flags in docs
 
 # Flags the guide may name that are not TrainConfig fields, each for a reason.
-CLI_FLAGS = {"--dry-run", "--help"}  # qorpo train's own
+CLI_FLAGS = {"--dry-run", "--help", "--debug", "--version"}  # qorpo train and qorpo itself
 MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-size",
                "--verify", "--no-verify", "--force", "--allow-pickle"}  # qorpo merge (merge.md)
 OTHER_TOOLS = {"--index-url", "--num_processes"}  # pip, accelerate launch

@@ -222,7 +222,7 @@ def test_non_finite_loss_stops_the_run(workdir, monkeypatch):
         return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(qt, "orpo_loss", poisoned)
-    with pytest.raises(qt.NonFiniteLossError, match=r"step 0, batch rows \[\d+, \d+\]"):
+    with pytest.raises(qt.NonFiniteLossError, match=r"in step 1, batch rows \[\d+, \d+\]"):
         train(**base_kwargs(model, data, root / "nan", max_steps=2))
 
 

@@ -65,7 +65,7 @@ def _read_template(value: str) -> str:
     if not path.is_file():
         raise DataError(f"chat template file not found: {value}. Pass a Jinja file path or "
                         "the template text itself.")
-    return path.read_text(encoding="utf-8")
+    return path.read_text(encoding="utf-8-sig")  # a BOM would land in every prompt
 
 
 class Encoded(NamedTuple):

@@ -37,6 +37,7 @@ class Pair(NamedTuple):
 DROP_MISSING = "missing field"
 DROP_EMPTY = "empty field"
 DROP_NOT_STRING = "non-string field"
+DROP_NOT_TEXT = "non-text content (image, audio, …)"
 DROP_MALFORMED = "malformed conversation"
 DROP_PROMPTS_DIFFER = "chosen/rejected prompts differ"
 DROP_IDENTICAL = "identical chosen and rejected"
@@ -44,14 +45,16 @@ DROP_TEMPLATE = "chat template error"
 DROP_PROMPT_TOO_LONG = "prompt too long"
 DROP_IDENTICAL_TRUNCATED = "identical after truncation"
 
-FORMATS = ("ultrafeedback", "explicit", "orca", "hh-rlhf", "sharegpt", "columns")
+FORMATS = ("ultrafeedback", "messages", "explicit", "orca", "hh-rlhf", "sharegpt", "columns")
 FORMAT_HELP = {
     "ultrafeedback": "chosen/rejected = full message lists sharing the prompt turns",
+    "messages": "chosen_messages/rejected_messages = full message lists (LLaMA-Factory)",
     "explicit": "prompt, chosen, rejected (strings or message lists), optional system",
     "orca": "system, question, chosen, rejected",
     "hh-rlhf": "chosen/rejected = '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
     "sharegpt": "conversations [{from, value}], chosen/rejected {from, value}",
-    "columns": "--columns prompt=COL,chosen=COL,rejected=COL[,system=COL]",
+    "columns": "--columns prompt=COL,chosen=COL,rejected=COL[,system=COL]; without prompt=, "
+               "chosen/rejected are full conversations",
 }
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
           "gpt": "assistant", "model": "assistant"}
@@ -66,6 +69,8 @@ def detect_format(
     if columns_mapping:
         _check_mapping(cols, columns_mapping)
         return "columns"
+    if {"chosen_messages", "rejected_messages"} <= cols:
+        return "messages"
     if {"conversations", "chosen", "rejected"} <= cols:
         return "sharegpt"
     if {"question", "chosen", "rejected"} <= cols:
@@ -94,7 +99,9 @@ def _unknown_format_message(cols: list[str]) -> str:
 
 
 def _check_mapping(cols: set[str], mapping: Mapping[str, str]) -> None:
-    wanted = {k: mapping.get(k, k) for k in ("prompt", "chosen", "rejected")}
+    wanted = {k: mapping.get(k, k) for k in ("chosen", "rejected")}
+    if "prompt" in mapping or "prompt" in cols:  # else chosen/rejected hold whole conversations
+        wanted["prompt"] = mapping.get("prompt", "prompt")
     if "system" in mapping:
         wanted["system"] = mapping["system"]
     missing = {k: v for k, v in wanted.items() if v not in cols}
@@ -110,14 +117,19 @@ def to_messages(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) ->
     """Convert one row of format `fmt` to a Pair, or raise DropRow(reason)."""
     if fmt == "ultrafeedback":
         pair = _from_conversations(row)
+    elif fmt == "messages":
+        pair = _from_conversations(row, "chosen_messages", "rejected_messages")
     elif fmt == "explicit":
         pair = _explicit(row, "prompt", "system")
     elif fmt == "orca":
         pair = _explicit(row, "question", "system")
     elif fmt == "columns":
         names = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected")}
-        pair = _explicit(row, names["prompt"], columns.get("system", "system"),
-                         names["chosen"], names["rejected"])
+        if "prompt" not in columns and "prompt" not in row:
+            pair = _from_conversations(row, names["chosen"], names["rejected"])
+        else:
+            pair = _explicit(row, names["prompt"], columns.get("system", "system"),
+                             names["chosen"], names["rejected"])
     elif fmt == "hh-rlhf":
         pair = _from_hh(row)
     elif fmt == "sharegpt":
@@ -139,6 +151,27 @@ def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+def _content(value: Any, field: str) -> Any:
+    """Message content as text: a string, or a list of parts whose text parts are joined
+    (OpenAI `{"type": "text", "text": …}`, LLaMA-Factory `{"type": "text", "value": …}`)."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for part in value:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, Mapping):
+            raise DropRow(DROP_MALFORMED, f"{field}: content part is {type(part).__name__}")
+        kind = part.get("type", "text")
+        if kind != "text":
+            raise DropRow(DROP_NOT_TEXT, f"{field}: a {kind!r} part")
+        texts.append(part.get("text", part.get("value")))
+        if not isinstance(texts[-1], str):
+            raise DropRow(DROP_NOT_STRING, f"{field}: text part without a string")
+    return "".join(texts)
+
+
 def _message(m: Any, field: str, role_key: str = "role", text_key: str = "content") -> Message:
     if not isinstance(m, Mapping):
         raise DropRow(DROP_MALFORMED, f"{field}: message is {type(m).__name__}, not a mapping")
@@ -146,7 +179,7 @@ def _message(m: Any, field: str, role_key: str = "role", text_key: str = "conten
     if role is None:
         raise DropRow(DROP_MALFORMED, f"{field}: unknown role {m.get(role_key)!r}")
     # An empty system turn is a common placeholder; it is kept (and skipped later) not dropped.
-    content = _text(m.get(text_key), field, allow_empty=role == "system")
+    content = _text(_content(m.get(text_key), field), field, allow_empty=role == "system")
     return {"role": role, "content": content}
 
 
@@ -199,12 +232,17 @@ def _shared_prompt(pc: list[Message], pr: list[Message]) -> list[Message]:
     return pc
 
 
-def _from_conversations(row: Mapping[str, Any]) -> Pair:
-    pc, chosen = _split_last(_messages(row.get("chosen"), "chosen"), "chosen")
-    pr, rejected = _split_last(_messages(row.get("rejected"), "rejected"), "rejected")
+def _from_conversations(row: Mapping[str, Any], chosen_key: str = "chosen",
+                        rejected_key: str = "rejected") -> Pair:
+    """Two whole conversations that share their prompt turns (a per-message `loss_weight`, as
+    LLaMA-Factory writes, is ignored: ORPO scores the final assistant turn of each side)."""
+    pc, chosen = _split_last(_messages(row.get(chosen_key), chosen_key), chosen_key)
+    pr, rejected = _split_last(_messages(row.get(rejected_key), rejected_key), rejected_key)
     if not pc and not pr and row.get("prompt") is not None:
-        # Reply-only lists next to a prompt string: the prompt column is the (single) user turn.
-        pc = pr = [{"role": "user", "content": _text(row.get("prompt"), "prompt")}]
+        # Reply-only lists next to a prompt: the prompt column is the user turn (or turns).
+        raw = row.get("prompt")
+        pc = pr = (_messages(raw, "prompt") if isinstance(raw, list)
+                   else [{"role": "user", "content": _text(raw, "prompt")}])
     return Pair(_shared_prompt(pc, pr), chosen, rejected)
 
 

@@ -3,6 +3,7 @@ split off eval rows, and report what happened (see docs/data.md)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,7 +53,7 @@ class _Fitted(NamedTuple):
 def _fit(p_ids: list[int], rc: list[int], rr: list[int], cfg: TrainConfig,
          bos: int | None) -> _Fitted:
     """Apply the length policy: the (possibly shortened) prompt and responses; raises DropRow."""
-    keep = cfg.max_prompt_length
+    keep = cfg.resolved_max_prompt_length
     prompt_cut = len(p_ids) > keep
     if prompt_cut:  # keep the END of the prompt (the last turns) and the BOS
         head = p_ids[:1] if bos is not None and p_ids[0] == bos and keep > 1 else []
@@ -163,7 +164,10 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
                               trust_remote_code=cfg.trust_remote_code)
         eval_source = f"{source} [{cfg.eval_split}]"
     elif cfg.eval_fraction > 0:
-        train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
+        used = len(rows)
+        if cfg.max_samples is not None:  # hold eval out of the rows the cap draws from
+            used = min(used, math.ceil(cfg.max_samples / (1 - cfg.eval_fraction)))
+        train_idx, eval_idx = split_indices(used, cfg.eval_fraction, cfg.seed)
         eval_rows, eval_source = rows, f"{source} (eval fraction {cfg.eval_fraction:g})"
     if cfg.max_samples is not None:
         train_idx = train_idx[:cfg.max_samples]
@@ -221,7 +225,7 @@ _ADVICE = {
 def _nothing_left(report: DataReport, cfg: TrainConfig) -> str:
     lines = [f"no usable preference pairs in {report.source} ({report.rows_read} rows read, "
              f"format {report.format}, max_length {cfg.max_length}, max_prompt_length "
-             f"{cfg.max_prompt_length}, min_response_tokens {cfg.min_response_tokens}):"]
+             f"{cfg.resolved_max_prompt_length}, min_response_tokens {cfg.min_response_tokens}):"]
     for reason, info in report.dropped.items():
         advice = _ADVICE.get(reason, "check the columns (--columns) and the data")
         lines.append(f"  {reason}: {info.count} rows (e.g. rows {info.first_rows}) -> {advice}")

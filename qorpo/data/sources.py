@@ -49,7 +49,7 @@ def _load_file(path: Path) -> datasets.Dataset:
 
     try:
         table = (pyarrow.parquet.read_table(path) if suffix == ".parquet"
-                 else pyarrow.csv.read_csv(path))
+                 else pyarrow.csv.read_csv(path, convert_options=_csv_as_text(path)))
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: could not read the {suffix[1:]} file: {exc}") from exc
     if table.num_rows == 0:
@@ -57,9 +57,24 @@ def _load_file(path: Path) -> datasets.Dataset:
     return datasets.Dataset(InMemoryTable(table))
 
 
+def _csv_as_text(path: Path) -> Any:
+    """CSV values are text: a column of numbers ("4", "5") is an answer, not an int column."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv
+
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    return pyarrow.csv.ConvertOptions(column_types={name: pa.string() for name in header})
+
+
 def _read_json(path: Path) -> list[dict[str, Any]]:
     """A JSON array of objects, or JSON Lines (one object per line); errors name file:line."""
-    text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: files saved by Windows editors start with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8.") from exc
     head = text.lstrip()[:1]
     if head == "[" or (path.suffix.lower() == ".json" and head == "{" and _single_object(text)):
         try:

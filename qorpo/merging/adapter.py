@@ -117,6 +117,20 @@ class Adapter:
     shared: set[str] = field(default_factory=set)
 
 
+def locate_adapter(path: Path) -> Path:
+    """The adapter folder: `path` itself, or (for `runs/x/adapter`, as older docs wrote it) the
+    training output folder above it, where qorpo writes the adapter."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    if path.name == "adapter" and (path.parent / "adapter_config.json").is_file():
+        return path.parent
+    if not path.exists():
+        raise MergeError(f"adapter folder {path} does not exist. Pass the training output "
+                         "folder (it holds adapter_config.json and adapter_model.safetensors).")
+    raise MergeError(f"{path} holds no adapter_config.json: pass the training output folder or "
+                     "a checkpoint-N folder inside it.")
+
+
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():

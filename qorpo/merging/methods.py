@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import groupby
@@ -11,11 +12,18 @@ from typing import Any, NamedTuple
 
 import torch
 
+from qorpo.errors import MergeError
 from qorpo.merging.adapter import PREFIX
 from qorpo.merging.checkpoint import BaseCheckpoint, load_tensors
 from qorpo.merging.plan import ModelInfo, Plan, materialize
 from qorpo.merging.shards import ShardWriter, plan_shards
 from qorpo.quant import nf4_round_trip
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<key>\S+?): copying a param with shape "
+    r"torch\.Size\((?P<saved>\[[^]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((?P<model>\[[^]]*\])\)"
+)
 
 
 class Merged(NamedTuple):
@@ -119,7 +127,16 @@ def full_merge(
                 param = model.get_parameter(key)
                 param.copy_(nf4_round_trip(param, transpose=is_conv, dtype=compute_dtype))
     untied = _untie_for_peft(model, adapter_dir, info)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as exc:  # peft's "size mismatch for …" (dozens of lines): say it once
+        m = _SIZE_MISMATCH.search(str(exc))
+        if m is None:
+            raise
+        raise MergeError(
+            f"adapter tensor {m['key']!r} {m['saved']} does not fit the base model's "
+            f"{m['model']}; the adapter was trained on a different base model (pass --base)."
+        ) from None
     n_modules = sum(
         1 for m in peft_model.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")
     )

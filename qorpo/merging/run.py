@@ -24,7 +24,12 @@ import torch
 
 from qorpo.errors import MergeError, MergeVerificationError
 from qorpo.hf import DTYPES, short_dtype_name
-from qorpo.merging.adapter import adapter_keys, read_adapter, read_adapter_config
+from qorpo.merging.adapter import (
+    adapter_keys,
+    locate_adapter,
+    read_adapter,
+    read_adapter_config,
+)
 from qorpo.merging.checkpoint import (
     ST_NAMES,
     BaseCheckpoint,
@@ -102,7 +107,7 @@ def merge(
         raise MergeError(
             f"into must be original|dequantized and method stream|full, got {into!r}, {method!r}"
         )
-    adapter = Path(adapter_dir).expanduser().resolve()
+    adapter = locate_adapter(Path(adapter_dir).expanduser().resolve())
     base_ref, base_dir, base_config = _locate_base(adapter, base, allow_pickle)
     out_dir = Path(out).expanduser().absolute()
     check_out_dir(out_dir, force, [adapter, base_dir])

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qorpo.atomic import remove_stale, temp_dir
 from qorpo.errors import MergeError
 from qorpo.merging.checkpoint import ST_NAMES, nbytes
 
@@ -154,9 +154,13 @@ def check_disk(parent: Path, need: int) -> None:
 
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A temp folder next to ``out``, renamed onto it only when everything succeeded."""
+    """A temp folder next to ``out``, renamed onto it only when everything succeeded.
+
+    Leftovers of a killed merge to the same ``out`` (no cleanup code runs on SIGKILL) are
+    removed first; a crash, Ctrl-C or SIGTERM in this one removes its own temp folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    tmp = temp_dir(out)
     try:
         yield tmp
         _swap_into_place(tmp, out)
@@ -168,7 +172,7 @@ def staging(out: Path) -> Iterator[Path]:
 def _swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():  # --force: move the old one aside so the swap is a rename
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = temp_dir(out, "old")
         os.replace(out, old / "x")
     try:
         os.replace(tmp, out)

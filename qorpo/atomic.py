@@ -1,0 +1,77 @@
+"""Write somewhere hidden, then rename: how every finished result (merged model, demo model,
+GGUF file) appears all at once or not at all.
+
+Temp names carry the host and process id (`.NAME.tmp-HOST-PID-XXXX`), so a later run can tell
+the leftovers of a killed process (`kill -9`, power loss: no cleanup code runs) from a run
+still in progress, and removes only its own kind of leftovers for the same target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-"
+
+
+def temp_dir(target: Path, kind: str = "tmp") -> Path:
+    """A new hidden folder next to `target` (same filesystem: the final rename is atomic),
+    with the permissions a plain mkdir would give (mkdtemp's 0700 would lock out the serving
+    process or other users once it is renamed into place)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{_prefix(target, kind)}{_HOST}-{os.getpid()}-",
+                                 dir=target.parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+def temp_file(target: Path, kind: str = "tmp") -> Path:
+    """A new hidden, empty file next to `target`, with a plain open()'s permissions."""
+    fd, name = tempfile.mkstemp(prefix=f"{_prefix(target, kind)}{_HOST}-{os.getpid()}-",
+                                dir=target.parent)
+    os.close(fd)
+    path = Path(name)
+    path.chmod(0o666 & ~_umask())
+    return path
+
+
+def remove_stale(target: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """Remove temp folders/files for `target` left by processes of this host that are gone.
+    Returns what was removed."""
+    removed = []
+    for kind in kinds:
+        for path in target.parent.glob(_prefix(target, kind) + "*"):
+            m = re.match(re.escape(_prefix(target, kind)) + r"(.+)-(\d+)-[^-]+$", path.name)
+            if m is None or m.group(1) != _HOST or _alive(int(m.group(2))):
+                continue  # another host's, a live process's, or not ours
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
