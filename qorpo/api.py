@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -187,6 +188,8 @@ def save_adapter(trainer: Any, out_dir: Path) -> None:
     """The adapter (PEFT format) and tokenizer into out_dir, each file renamed into place so a
     kill never leaves a half-written adapter file."""
     staging = out_dir / ".saving"
+    if trainer.is_world_process_zero() and staging.exists():  # left by a kill mid-save
+        shutil.rmtree(staging)
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
