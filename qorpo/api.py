@@ -80,18 +80,27 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
 
     # ---- setup: everything a user can get wrong is found here, before any weight is loaded
+    from accelerate import PartialState
+
     from qorpo.data.collate import PairCollator
     from qorpo.data.prepare import prepare_data
     from qorpo.model import choose_dtype, device_of_process, load_tokenizer
 
+    # Under torchrun / accelerate launch this joins the process group now: ranks can then take
+    # turns (rank 0 prepares the data first, e.g. fills the datasets cache) and only rank 0
+    # prints and writes. A single process gets a trivial state.
+    device = device_of_process()
+    procs = PartialState(cpu=device.type == "cpu")  # (on CPU accelerate needs to be told)
+    if not procs.is_main_process:
+        console = Console(quiet=True)
     fp = runs.fingerprint(cfg)
     cfg, plan = plan_run(cfg, fp)
-    device = device_of_process()
     dtype = choose_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer, console=console)
-    steps = planned_steps(cfg, len(data.train))
-    console.print(start_table(cfg, device, dtype, data, steps))
+    with procs.main_process_first():
+        data = prepare_data(cfg, tokenizer, console=console)
+    steps = planned_steps(cfg, len(data.train), procs.num_processes)
+    console.print(start_table(cfg, device, dtype, data, steps, procs.num_processes))
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
     if plan.resume_from is not None:
@@ -122,14 +131,14 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
 
     # ---- fit
     out_dir = plan.out_dir
-    trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console, fp)
-    if is_main_process():
+    trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console, fp,
+                            eval_first=plan.resume_from is None)
+    procs.wait_for_everyone()  # every rank has checked the folder before rank 0 writes to it
+    if procs.is_main_process:
         runs.start(plan, cfg, fp)  # the folder is written only now that the run can start
-    before: dict[str, float] = {}
+    procs.wait_for_everyone()
     prompts = list(DEMO_PROMPTS) if demo_run else []
     gens_before = [generate(model, tokenizer, p, adapter=False) for p in prompts]
-    if data.eval is not None and plan.resume_from is None:
-        before = trainer.evaluate(metric_key_prefix="eval")
     interrupted: KeyboardInterrupt | None = None
     with terminate_as_interrupt():
         try:
@@ -147,6 +156,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
                       f"{trainer.state.global_step}; `--resume latest` continues from the last "
                       "checkpoint.[/]")
         raise interrupted
+    before = eval_before(trainer.state.log_history)
     metrics = dict(train_out.metrics)
     whole_run = whole_run_train_loss(trainer.state.log_history)
     if whole_run is not None:  # the Trainer's own counts only the steps of this process
@@ -155,15 +165,16 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         metrics.update(trainer.evaluate(metric_key_prefix="eval"))
     gens = [{"prompt": p, "before": b, "after": generate(model, tokenizer, p, adapter=True)}
             for p, b in zip(prompts, gens_before, strict=True)]
-    if is_main_process():
+    if procs.is_main_process:
         runs.finish(out_dir, fp, trainer.state.global_step)
     console.print(summary_table(out_dir, metrics, before, gens))
     return TrainResult(out_dir, metrics, before, gens)
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun/accelerate (they set RANK), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The eval metrics logged at step 0 (eval_on_start), before any update."""
+    first = next((r for r in log_history if "eval_loss" in r and r.get("step") == 0), {})
+    return {k: v for k, v in first.items() if k.startswith("eval_")}
 
 
 def plan_run(cfg: TrainConfig, fp: dict[str, Any]) -> tuple[TrainConfig, runs.RunPlan]:
@@ -187,10 +198,13 @@ def plan_run(cfg: TrainConfig, fp: dict[str, Any]) -> tuple[TrainConfig, runs.Ru
 def save_adapter(trainer: Any, out_dir: Path) -> None:
     """The adapter (PEFT format) and tokenizer into out_dir, each file renamed into place so a
     kill never leaves a half-written adapter file."""
+    from qorpo.hf import quiet
+
     staging = out_dir / ".saving"
     if trainer.is_world_process_zero() and staging.exists():  # left by a kill mid-save
         shutil.rmtree(staging)
-    trainer.save_model(str(staging))
+    with quiet():
+        trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
     # The Trainer also pickles its TrainingArguments; qorpo_config.yaml says the same in plain
@@ -214,17 +228,16 @@ def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / previous if previous else None
 
 
-def planned_steps(cfg: TrainConfig, pairs: int) -> int:
+def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    per_epoch = math.ceil(pairs / (cfg.batch_size * world))
+    per_epoch = math.ceil(pairs / (cfg.batch_size * processes))
     return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
 
 
 def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data: Any,
                   dtype_name: str, device: torch.device, steps: int, console: Console,
-                  fp: dict[str, Any]) -> Any:
+                  fp: dict[str, Any], eval_first: bool = True) -> Any:
     from transformers import TrainingArguments
 
     from qorpo.data.collate import PairCollator
@@ -246,7 +259,12 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps, report_to=cfg.report_to, disable_tqdm=True,
+        # "before" metrics: evaluated inside train(), after the model is wrapped for DDP. (An
+        # evaluate() call before train() leaves the model unwrapped for the first step under
+        # torchrun/accelerate, so its gradients are never averaged across processes.)
+        eval_on_start=has_eval and eval_first,
         remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
     )  # gradient checkpointing is set up by qorpo.model (non-reentrant), not by the Trainer

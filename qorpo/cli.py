@@ -58,7 +58,10 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
     except QorpoError as exc:
         if _debug():
             raise
-        if isinstance(exc, ConfigError):
+        rank = _rank_prefix()
+        if rank:  # under torchrun/accelerate: say which process failed
+            err_console.print(f"{rank}[bold red]error:[/] {escape(str(exc))}")
+        elif isinstance(exc, ConfigError):
             err_console.print(f"[red]{escape(str(exc))}[/]")
         elif isinstance(exc, MergeVerificationError):
             err_console.print(f"[bold red]verification failed[/] (nothing written): "
@@ -70,11 +73,32 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
         raise typer.Exit(143) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except Exception:
+    except Exception as exc:
+        if _peer_failed(exc):  # the process that failed has printed its own message
+            err_console.print(f"{_rank_prefix()}stopped: another process of this run failed "
+                              "(its error is printed above).")
+            raise typer.Exit(1) from None
         err_console.print(f"[bold red]qorpo hit an internal error[/] (a bug, not your mistake). "
                           f"Please report it at {ISSUES_URL} with the command you ran and the "
                           "traceback below.")
         raise
+
+
+def _rank_prefix() -> str:
+    """'[rank 1] ' under torchrun / accelerate launch with several processes, else ''."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return escape(f"[rank {os.environ.get('RANK', '?')}] ")  # not a rich markup tag
+    return ""
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective broke because another process died (gloo: 'Connection closed by peer',
+    NCCL: DistBackendError) — a consequence, not the cause."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(exc)
+    return (type(exc).__name__ == "DistBackendError" or "closed by peer" in text
+            or "remote worker" in text or "NCCL communicator was aborted" in text)
 
 
 def _show_version(value: bool) -> None:

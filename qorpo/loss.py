@@ -205,8 +205,16 @@ class PairLogps(NamedTuple):
     chosen_count: torch.Tensor  # (B,) response tokens
     rejected_sum: torch.Tensor  # (B,)
     rejected_count: torch.Tensor  # (B,)
-    nll_sum: torch.Tensor  # () −Σ log p over the SFT-scored chosen tokens
-    nll_count: torch.Tensor  # () how many tokens that is
+    nll_sums: torch.Tensor  # (B,) −Σ log p over each pair's SFT-scored chosen tokens
+    nll_counts: torch.Tensor  # (B,) how many tokens that is
+
+    @property
+    def nll_sum(self) -> torch.Tensor:  # () over the batch
+        return self.nll_sums.sum()
+
+    @property
+    def nll_count(self) -> torch.Tensor:  # ()
+        return self.nll_counts.sum()
 
 
 def pair_logps(
@@ -243,11 +251,13 @@ def pair_logps(
     is_resp, is_sft = resp[scored], sft[scored]
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     sums = sums.index_add(0, row_of, torch.where(is_resp, logp, 0.0))
+    nll = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    nll = nll.index_add(0, row_of, torch.where(is_sft, -logp, 0.0))
     counts = resp.sum(1)  # (2B,)
     return PairLogps(
         chosen_sum=sums[:b], chosen_count=counts[:b],
         rejected_sum=sums[b:], rejected_count=counts[b:],
-        nll_sum=-(logp * is_sft).sum(), nll_count=is_sft.sum(),
+        nll_sums=nll[:b], nll_counts=sft[:b].sum(1),
     )
 
 

@@ -71,7 +71,7 @@ class RichProgressCallback(TrainerCallback):
 
 
 def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
-                steps: int) -> Table:
+                steps: int, processes: int = 1) -> Table:
     t = Table(title="qorpo train", show_header=False, title_justify="left")
     t.add_column(style="bold cyan")
     t.add_column()
@@ -89,8 +89,14 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
                       + (f", {len(data.eval)} eval" if data.eval is not None else ""))
     t.add_row("ORPO", f"beta={cfg.beta:g} sft_on_prompt={cfg.sft_on_prompt} "
                       f"chunk_size={cfg.chunk_size}")
-    t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum, "
-                       f"lr {cfg.learning_rate:g} ({cfg.lr_scheduler})")
+    per_step = cfg.batch_size * cfg.grad_accum * processes
+    ranks = f" × {processes} processes" if processes > 1 else ""
+    t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum{ranks} "
+                       f"= {per_step} pairs/step, lr {cfg.learning_rate:g} ({cfg.lr_scheduler})")
+    if processes > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        t.add_row("processes", f"{processes} ({backend}); per process: {cfg.batch_size} pairs "
+                               f"per micro-batch, {cfg.grad_accum} micro-batches per step")
     t.add_row("output", cfg.output_dir)
     return t
 

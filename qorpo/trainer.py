@@ -3,25 +3,31 @@
 compute_loss        one forward over chosen+rejected (2B, T) → final hidden states → chunked loss
 get_batch_samples   counts the pairs and SFT tokens of the whole accumulation window, so k
                     micro-batches of b pairs give exactly the gradient of one batch of k·b pairs
-prediction_step     eval loss + ORPO metrics
-log                 adds the ORPO metrics, tokens/s and peak memory to what the Trainer logs
+prediction_step     per-pair statistics; compute_metrics (eval_metrics) turns the statistics
+                    the Trainer gathered from every process (padding duplicates dropped) into
+                    the eval loss and metrics of the whole eval set
+log                 adds the ORPO metrics, tokens/s and peak memory to what the Trainer logs;
+                    under torchrun/accelerate they are summed over all processes first
+
+Metrics are summed on the device as they come (no host sync per micro-batch) and read once per
+log.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
 from qorpo.config import DEFAULT_CHUNK_SIZE
 from qorpo.errors import NonFiniteLossError
-from qorpo.loss import ORPOOutput, orpo_loss, pair_logps
+from qorpo.loss import ORPOOutput, PairLogps, orpo_loss, pair_logps
 from qorpo.model import final_hidden_states, output_head
 
 # Logged as means over pairs: name in the logs → field of ORPOOutput (per-pair or scalar)
@@ -29,6 +35,13 @@ _PAIR_METRICS = {
     "log_odds": "log_odds", "logps/chosen": "chosen_logps", "logps/rejected": "rejected_logps",
     "rewards/chosen": "chosen_rewards", "rewards/rejected": "rejected_rewards",
 }
+# Train metrics: one float64 vector of sums in this order (all-reduced as one tensor).
+_MEANS = ("ratio_loss", "rewards/accuracy", "rewards/margin", *_PAIR_METRICS)
+_SUMS = ("pairs", "nll", "tokens", *_MEANS)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ORPOTrainer(Trainer):
@@ -37,13 +50,13 @@ class ORPOTrainer(Trainer):
 
     def __init__(self, *args: Any, beta: float = 0.1, sft_on_prompt: bool = False,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+        kwargs.setdefault("compute_metrics", partial(eval_metrics, beta=beta))
         super().__init__(*args, **kwargs)
         self.beta, self.sft_on_prompt, self.chunk_size = beta, sft_on_prompt, chunk_size
         self.window_pairs: int | None = None
         self.window_tokens: int | None = None
-        self.metric_sums: dict[str, dict[str, float]] = {
-            "train": defaultdict(float), "eval": defaultdict(float)}
-        self.tokens_since_log = 0
+        self.sums: torch.Tensor | None = None  # train metric sums since the last log (_SUMS)
+        self.windows_since_log = 0  # optimizer steps (accumulation windows) since the last log
         self.last_log_time = time.perf_counter()
 
     # -------------------------------------------------------------------- accumulation window
@@ -58,22 +71,25 @@ class ORPOTrainer(Trainer):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         totals = torch.tensor([sum(b["input_ids"].shape[0] // 2 for b in batches),
                                sum(self._sft_tokens(b) for b in batches)], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             totals = totals.to(device)
             dist.all_reduce(totals)  # the big batch spans every device
         self.window_pairs, self.window_tokens = int(totals[0]), max(int(totals[1]), 1)
-        self.metric_sums["train"]["windows"] += 1
+        self.windows_since_log += 1
         return batches, num_items
 
     # -------------------------------------------------------------------- the loss
+    def pair_logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> PairLogps:
+        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        return pair_logps(hidden, inputs["input_ids"], inputs["response_mask"],
+                          output_head(model), attention_mask=inputs["attention_mask"],
+                          sft_on_prompt=self.sft_on_prompt, chunk_size=self.chunk_size)
+
     def orpo_forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                      num_pairs: int | None = None,
                      num_tokens: int | None = None) -> ORPOOutput:
-        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        logps = pair_logps(hidden, inputs["input_ids"], inputs["response_mask"],
-                           output_head(model), attention_mask=inputs["attention_mask"],
-                           sft_on_prompt=self.sft_on_prompt, chunk_size=self.chunk_size)
-        return orpo_loss(logps, beta=self.beta, num_pairs=num_pairs, num_nll_tokens=num_tokens)
+        return orpo_loss(self.pair_logps(model, inputs), beta=self.beta, num_pairs=num_pairs,
+                         num_nll_tokens=num_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training and self.window_pairs is not None
@@ -87,62 +103,83 @@ class ORPOTrainer(Trainer):
                 f"{rows} (nll {out.nll.item():.4g}, ratio loss {out.ratio_loss.item():.4g}). "
                 "Stopping. Try a lower --learning-rate, --dtype fp32/bf16, or check those rows.")
         if training:
-            self._accumulate("train", out, inputs)
+            self._accumulate(out, inputs)
             if self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over devices
         return (loss, out) if return_outputs else loss
 
-    def _accumulate(self, split: str, out: ORPOOutput, inputs: dict[str, torch.Tensor]) -> None:
-        sums, pairs = self.metric_sums[split], out.chosen_logps.shape[0]
-        sums["pairs"] += pairs
-        if split == "train":
-            # out.nll is this micro-batch's share of the window's token-mean NLL: summing the
-            # shares and dividing by the number of windows gives the mean NLL per step.
-            sums["nll"] += out.nll.item()
-            self.tokens_since_log += int(inputs["attention_mask"].sum())
-        else:
-            tokens = self._sft_tokens(inputs)
-            sums["nll"] += out.nll.item() * tokens
-            sums["nll_tokens"] += tokens
-        sums["ratio_loss"] += out.ratio_loss.item() * pairs
-        sums["rewards/accuracy"] += out.reward_accuracy.item() * pairs
-        sums["rewards/margin"] += out.reward_margin.item() * pairs
-        for name, field in _PAIR_METRICS.items():
-            sums[name] += getattr(out, field).float().sum().item()
+    def _accumulate(self, out: ORPOOutput, inputs: dict[str, torch.Tensor]) -> None:
+        pairs = out.chosen_logps.shape[0]
+        # out.nll is this micro-batch's share of the window's token-mean NLL: summing the shares
+        # (over micro-batches and devices) and dividing by the number of windows gives the mean
+        # NLL per step.
+        vals = {"pairs": pairs, "nll": out.nll.detach(), "tokens": inputs["attention_mask"].sum(),
+                "ratio_loss": out.ratio_loss * pairs,
+                "rewards/accuracy": out.reward_accuracy * pairs,
+                "rewards/margin": out.reward_margin * pairs}
+        vals |= {name: getattr(out, field).float().sum() for name, field in _PAIR_METRICS.items()}
+        device = out.loss.device
+        row = torch.stack([torch.as_tensor(vals[k], dtype=torch.float64, device=device)
+                           for k in _SUMS])
+        self.sums = row if self.sums is None else self.sums + row
+
+    def _train_means(self) -> dict[str, float]:
+        """Train metrics since the last log, over every process (all ranks log together)."""
+        sums = self.sums
+        self.sums = None
+        if sums is None:
+            sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.args.device)
+        if _distributed():
+            dist.all_reduce(sums)
+        totals = dict(zip(_SUMS, sums.tolist(), strict=True))
+        now = time.perf_counter()
+        out = {"tokens_per_second": totals["tokens"] / max(now - self.last_log_time, 1e-9)}
+        if totals["pairs"]:
+            out |= {k: totals[k] / totals["pairs"] for k in _MEANS}
+        if self.windows_since_log:
+            out["nll"] = totals["nll"] / self.windows_since_log
+        self.windows_since_log, self.last_log_time = 0, now
+        return out
 
     # -------------------------------------------------------------------- evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = {k: v.to(self.args.device) if torch.is_tensor(v) else v
                   for k, v in inputs.items()}
         with torch.no_grad():
-            out = self.orpo_forward(model, inputs)
-        self._accumulate("eval", out, inputs)
-        return out.loss.detach(), None, None
+            logps = self.pair_logps(model, inputs)
+            out = orpo_loss(logps, beta=self.beta)
+        stats = torch.stack([out.chosen_logps, out.rejected_logps, out.log_odds,
+                             logps.nll_sums, logps.nll_counts.float()], dim=1)  # (B, 5)
+        # No per-batch loss: the Trainer would average batch means, which depends on the eval
+        # batch size (and the process count); eval_metrics computes the loss of the whole set.
+        # The Trainer computes metrics only when "labels" come back too: the data rows.
+        return None, stats, inputs["row"]
 
     # -------------------------------------------------------------------- logging
-    def _flush(self, split: str) -> dict[str, float]:
-        sums = self.metric_sums[split]
-        pairs, nll = sums.pop("pairs", 0.0), sums.pop("nll", 0.0)
-        per = sums.pop("windows", 0.0) if split == "train" else sums.pop("nll_tokens", 0.0)
-        out = {k: v / pairs for k, v in sums.items()} if pairs else {}
-        if pairs and per:
-            out["nll"] = nll / per
-        sums.clear()
-        return out
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        is_eval = any(k.startswith("eval_") for k in logs)
-        if is_eval:
-            logs.update({f"eval_{k}": v for k, v in self._flush("eval").items()})
-        elif "loss" in logs:
-            logs.update(self._flush("train"))
-            now = time.perf_counter()
-            logs["tokens_per_second"] = self.tokens_since_log / max(now - self.last_log_time,
-                                                                    1e-9)
-            self.tokens_since_log, self.last_log_time = 0, now
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(self._train_means())
             if torch.cuda.is_available():
                 logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         super().log(logs, start_time)
+
+
+def eval_metrics(pred: EvalPrediction, beta: float) -> dict[str, float]:
+    """ORPO metrics from the per-pair statistics of every eval pair (prediction_step's columns:
+    ℓw, ℓl, log odds ratio, NLL sum, NLL tokens), each pair counted once."""
+    stats = torch.as_tensor(pred.predictions, dtype=torch.float64)  # (N, 5)
+    lw, ll, log_odds, nll_sum, nll_count = stats.unbind(1)
+    nll = nll_sum.sum() / nll_count.sum().clamp(min=1)
+    ratio_loss = -torch.nn.functional.logsigmoid(log_odds).mean()
+    return {
+        "loss": float(nll + beta * ratio_loss),  # the ORPO loss of the whole eval set
+        "nll": float(nll), "ratio_loss": float(ratio_loss),
+        "rewards/accuracy": float((lw > ll).double().mean()),
+        "rewards/margin": float((beta * (lw - ll)).mean()),
+        "log_odds": float(log_odds.mean()),
+        "logps/chosen": float(lw.mean()), "logps/rejected": float(ll.mean()),
+        "rewards/chosen": float(beta * lw.mean()), "rewards/rejected": float(beta * ll.mean()),
+    }
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -177,6 +214,8 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if _distributed():
+            dist.barrier()  # every rank has written its part (rng_state_N.pth) first
         if state.is_world_process_zero:
             from qorpo.runs import mark_checkpoint
 
