@@ -82,7 +82,6 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- setup: everything a user can get wrong is found here, before any weight is loaded
     from accelerate import PartialState
 
-    from qorpo.data.collate import PairCollator
     from qorpo.data.prepare import prepare_data
     from qorpo.model import choose_dtype, device_of_process, load_tokenizer
 
@@ -113,26 +112,35 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- build
     from transformers import set_seed
 
-    from qorpo.model import add_lora, load_base_model, parity_check
+    from qorpo.data.collate import pairs_from_features
+    from qorpo.forward import parity_check, supports_layout
+    from qorpo.model import add_lora, load_base_model
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
         model = load_base_model(cfg, dtype.dtype, device)
         model = add_lora(model, cfg, dtype.dtype)
-    batch = PairCollator(tokenizer.pad_token_id)([data.train[i]
-                                                  for i in range(min(2, len(data.train)))])
-    parity = parity_check(model, batch["input_ids"].to(model.device),
-                          batch["attention_mask"].to(model.device), dtype.dtype)
+    layout = cfg.layout
+    if layout != "padded":
+        support = supports_layout(model, layout, max_seq_len=cfg.max_length)
+        if not support.ok:
+            console.print(f"[yellow]note:[/] prefix sharing off for this model — "
+                          f"{support.reason}; using the padded layout")
+            layout = "padded"
+    pairs = pairs_from_features([data.train[i] for i in range(min(4, len(data.train)))])
+    parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
+    same = "" if layout == "padded" else f"; the {layout} layout scores them as padded does " \
+        f"(to {parity.layout_diff:.1e})"
     console.print(f"Parity check passed: chunked log-probs match the model's logits to "
-                  f"{parity.max_abs_diff:.1e} over {parity.tokens} tokens. LoRA: "
+                  f"{parity.max_abs_diff:.1e} over {parity.tokens} tokens{same}. LoRA: "
                   f"{trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%).")
 
     # ---- fit
     out_dir = plan.out_dir
     trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console, fp,
-                            eval_first=plan.resume_from is None)
+                            layout=layout, eval_first=plan.resume_from is None)
     procs.wait_for_everyone()  # every rank has checked the folder before rank 0 writes to it
     if procs.is_main_process:
         runs.start(plan, cfg, fp)  # the folder is written only now that the run can start
@@ -237,7 +245,7 @@ def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
 
 def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data: Any,
                   dtype_name: str, device: torch.device, steps: int, console: Console,
-                  fp: dict[str, Any], eval_first: bool = True) -> Any:
+                  fp: dict[str, Any], layout: str = "padded", eval_first: bool = True) -> Any:
     from transformers import TrainingArguments
 
     from qorpo.data.collate import PairCollator
@@ -270,8 +278,9 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
     )  # gradient checkpointing is set up by qorpo.model (non-reentrant), not by the Trainer
     trainer = ORPOTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        beta=cfg.beta, sft_on_prompt=cfg.sft_on_prompt, chunk_size=cfg.chunk_size,
+        data_collator=PairCollator(tokenizer.pad_token_id, layout=layout,
+                                   sft_on_prompt=cfg.sft_on_prompt),
+        processing_class=tokenizer, beta=cfg.beta, chunk_size=cfg.chunk_size,
         callbacks=[MetricsFileCallback(Path(cfg.output_dir) / runs.METRICS_FILE),
                    CheckpointCallback(fp)],
     )

@@ -86,6 +86,11 @@ class TrainConfig:
     beta: float = _f(0.1, "Training", "Weight of the odds-ratio term (the paper's lambda).")
     sft_on_prompt: bool = _f(False, "Training", "Also score the chosen prompt tokens in the "
                              "SFT term (TRL / official ORPO behaviour).")
+    prefix_sharing: bool = _f(True, "Training", "One sequence per pair, prompt|chosen|rejected: "
+                              "the prompt is computed once (exact; off, or where a model cannot "
+                              "take it: two padded rows per pair).")
+    packing: bool = _f(True, "Training", "Several pairs per row without padding (applies with "
+                       "--prefix-sharing; exact).")
     chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "Training", "Scored tokens per chunk in the "
                          "vocab projection (memory vs speed; see scripts/bench_loss.py).")
     learning_rate: float = _f(5e-5, "Training", "Peak learning rate.")
@@ -165,6 +170,13 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+    @property
+    def layout(self) -> str:
+        """The batch layout asked for (qorpo.data.collate): padded, shared or packed."""
+        if not self.prefix_sharing:
+            return "padded"
+        return "packed" if self.packing else "shared"
 
     @property
     def resolved_max_prompt_length(self) -> int:

@@ -217,22 +217,54 @@ class PairLogps(NamedTuple):
         return self.nll_counts.sum()
 
 
-def pair_logps(
+class ScoreSpec(NamedTuple):
+    """Which hidden states score which tokens — independent of how the pairs were laid out.
+
+    Sequences: chosen of pair i is i, rejected of pair i is B + i. The token of a sequence at
+    position t is predicted by the hidden state at t − 1; `index` points at that state in the
+    flattened (R·L) hidden states, whatever row and offset the layout gave it.
+    """
+
+    index: torch.Tensor  # (N,) long: flat (R·L) index of the predicting hidden state
+    target: torch.Tensor  # (N,) long: the scored token
+    seq: torch.Tensor  # (N,) long: which of the 2B sequences it belongs to
+    response: torch.Tensor  # (N,) bool: counts toward ℓ (a response token)
+    sft: torch.Tensor  # (N,) bool: counts toward the NLL (chosen; + prompt with sft_on_prompt)
+    num_pairs: int  # B
+
+
+def score_logps(
     hidden: torch.Tensor,
-    input_ids: torch.Tensor,
-    response_mask: torch.Tensor,
+    spec: ScoreSpec,
     head: OutputHead,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    sft_on_prompt: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> PairLogps:
-    """Score a `(2B, T)` batch (rows [0:B] chosen, [B:2B] rejected) from its final hidden states.
+    """Final hidden states (R, L, H) of any layout + its ScoreSpec → PairLogps.
 
-    Position t is predicted by hidden state t−1. Only scored positions are gathered and projected:
-    the response tokens of every row, plus (with `sft_on_prompt`) the chosen prompt tokens.
+    Only the N scored positions are gathered and projected, chunk by chunk. A state may be
+    gathered twice (a shared prompt's last token predicts both first response tokens); the
+    indexing's backward sums the two gradients.
     """
-    rows = input_ids.shape[0]
+    b = spec.num_pairs
+    h = hidden.reshape(-1, hidden.shape[-1])[spec.index]  # (N, H)
+    logp = chunked_token_logps(h, head, spec.target, chunk_size)  # (N,) fp32
+    zeros = torch.zeros(2 * b, dtype=torch.float32, device=hidden.device)
+    sums = zeros.index_add(0, spec.seq, torch.where(spec.response, logp, 0.0))  # (2B,)
+    nll = zeros.index_add(0, spec.seq, torch.where(spec.sft, -logp, 0.0))  # (2B,)
+    counts = torch.bincount(spec.seq[spec.response], minlength=2 * b)  # (2B,)
+    sft_counts = torch.bincount(spec.seq[spec.sft], minlength=2 * b)  # (2B,)
+    return PairLogps(
+        chosen_sum=sums[:b], chosen_count=counts[:b],
+        rejected_sum=sums[b:], rejected_count=counts[b:],
+        nll_sums=nll[:b], nll_counts=sft_counts[:b],
+    )
+
+
+def padded_spec(input_ids: torch.Tensor, response_mask: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, *,
+                sft_on_prompt: bool = False) -> ScoreSpec:
+    """The ScoreSpec of a padded `(2B, T)` batch: rows [0:B] chosen, [B:2B] rejected."""
+    rows, length = input_ids.shape
     if rows % 2:
         raise ValueError(f"expected chosen and rejected rows stacked (2B, T), got {rows} rows")
     b = rows // 2
@@ -244,21 +276,26 @@ def pair_logps(
             raise ValueError("sft_on_prompt needs the attention_mask")
         sft[:b] = attention_mask[:b, 1:].bool()
     scored = resp | sft  # (2B, T-1)
-    h = hidden[:, :-1][scored]  # (N, H)
-    targets = input_ids[:, 1:][scored]  # (N,)
-    logp = chunked_token_logps(h, head, targets, chunk_size)  # (N,) fp32
-    row_of = torch.arange(rows, device=hidden.device)[:, None].expand_as(scored)[scored]  # (N,)
-    is_resp, is_sft = resp[scored], sft[scored]
-    sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
-    sums = sums.index_add(0, row_of, torch.where(is_resp, logp, 0.0))
-    nll = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
-    nll = nll.index_add(0, row_of, torch.where(is_sft, -logp, 0.0))
-    counts = resp.sum(1)  # (2B,)
-    return PairLogps(
-        chosen_sum=sums[:b], chosen_count=counts[:b],
-        rejected_sum=sums[b:], rejected_count=counts[b:],
-        nll_sums=nll[:b], nll_counts=sft[:b].sum(1),
-    )
+    row, col = scored.nonzero(as_tuple=True)  # row-major: chosen rows, then rejected
+    return ScoreSpec(index=row * length + col, target=input_ids[row, col + 1], seq=row,
+                     response=resp[row, col], sft=sft[row, col], num_pairs=b)
+
+
+def pair_logps(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    head: OutputHead,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    sft_on_prompt: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PairLogps:
+    """Score a padded `(2B, T)` batch (rows [0:B] chosen, [B:2B] rejected) from its final
+    hidden states. Only scored positions are gathered and projected: the response tokens of
+    every row, plus (with `sft_on_prompt`) the chosen prompt tokens."""
+    spec = padded_spec(input_ids, response_mask, attention_mask, sft_on_prompt=sft_on_prompt)
+    return score_logps(hidden, spec, head, chunk_size)
 
 
 class ORPOOutput(NamedTuple):

@@ -15,7 +15,7 @@ from torch import nn
 from qorpo.config import TrainConfig
 from qorpo.errors import ModelError
 from qorpo.hf import DTYPES, quiet
-from qorpo.loss import OutputHead, chunked_token_logps
+from qorpo.loss import OutputHead
 from qorpo.quant import bnb_config, keep_4bit_differentiable
 
 
@@ -165,7 +165,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
         raise ModelError(f"LoRA targets {cfg.lora_targets}: {exc}") from exc
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain transformers model under DDP/peft wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
@@ -176,7 +176,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def output_head(model: nn.Module) -> OutputHead:
     """The model's own vocabulary projection and post-head transforms, for the chunked loss."""
-    base = _unwrap(model)
+    base = unwrap(model)
     head = base.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ModelError(f"{type(base).__name__} has no output embedding (lm_head) qorpo can use")
@@ -200,7 +200,8 @@ def output_head(model: nn.Module) -> OutputHead:
 
 
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor) -> torch.Tensor:
+                        attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, T, H) final (post-norm) hidden states, through every wrapper's own forward.
 
     Going through `model(...)` keeps DDP/FSDP/peft hooks intact. `logits_to_keep=1` makes the
@@ -208,52 +209,10 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     states come from `output_hidden_states`, whose last entry is the normed output. They cost
     no extra memory under gradient checkpointing: they are the tensors it keeps anyway.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
     return out.hidden_states[-1]
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
-
-
-class ParityReport(NamedTuple):
-    max_abs_diff: float
-    tolerance: float
-    tokens: int
-
-
-def parity_check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 dtype: torch.dtype) -> ParityReport:
-    """Chunked log-probs from hidden states must equal the model's own logits' log-probs.
-
-    Catches architectures whose head does more than lm_head (+ softcap/scale) before a single
-    training step is wasted on a wrong loss.
-    """
-    base = _unwrap(model)
-    arch = type(base).__name__
-    if not supports_logits_to_keep(model):
-        raise ModelError(f"{arch}: its forward has no `logits_to_keep`, so qorpo cannot avoid "
-                         "computing full logits; this architecture is not supported")
-    tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.05}.get(dtype, 0.1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            ref = full.logits[:, :-1].float().log_softmax(-1)
-            ref = ref.gather(2, input_ids[:, 1:, None]).squeeze(2)
-            hidden = final_hidden_states(model, input_ids, attention_mask)
-            mask = attention_mask[:, 1:].bool()
-            got = chunked_token_logps(hidden[:, :-1][mask], output_head(model),
-                                      input_ids[:, 1:][mask])
-    finally:
-        model.train(was_training)
-    diff = (got - ref[mask]).abs().max().item() if mask.any() else 0.0
-    if not diff <= tol:  # also catches NaN
-        raise ModelError(
-            f"{arch}: parity check failed — log-probs from hidden states and the output head "
-            f"differ from the model's own logits by {diff:.3g} (tolerance {tol:g} for {dtype}). "
-            "This architecture transforms its logits in a way qorpo does not reproduce; "
-            "please report it.")
-    return ParityReport(diff, tol, int(mask.sum()))
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters

@@ -89,6 +89,10 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
                       + (f", {len(data.eval)} eval" if data.eval is not None else ""))
     t.add_row("ORPO", f"beta={cfg.beta:g} sft_on_prompt={cfg.sft_on_prompt} "
                       f"chunk_size={cfg.chunk_size}")
+    t.add_row("layout", {"padded": "padded: two rows per pair",
+                         "shared": "prefix sharing: the prompt computed once per pair",
+                         "packed": "prefix sharing + packing: the prompt once, no padding"}[
+                             cfg.layout])
     per_step = cfg.batch_size * cfg.grad_accum * processes
     ranks = f" × {processes} processes" if processes > 1 else ""
     t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum{ranks} "

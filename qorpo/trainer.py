@@ -1,6 +1,7 @@
 """ORPOTrainer: a transformers.Trainer that overrides public hooks only.
 
-compute_loss        one forward over chosen+rejected (2B, T) → final hidden states → chunked loss
+compute_loss        one forward over the laid-out pairs (padded, shared or packed; see
+                    qorpo.data.collate) → final hidden states → chunked loss on the scored tokens
 get_batch_samples   counts the pairs and SFT tokens of the whole accumulation window, so k
                     micro-batches of b pairs give exactly the gradient of one batch of k·b pairs
 prediction_step     per-pair statistics; compute_metrics (eval_metrics) turns the statistics
@@ -26,9 +27,11 @@ import torch.distributed as dist
 from transformers import EvalPrediction, Trainer, TrainerCallback
 
 from qorpo.config import DEFAULT_CHUNK_SIZE
+from qorpo.data.collate import Batch
 from qorpo.errors import NonFiniteLossError
-from qorpo.loss import ORPOOutput, PairLogps, orpo_loss, pair_logps
-from qorpo.model import final_hidden_states, output_head
+from qorpo.forward import hidden_states
+from qorpo.loss import ORPOOutput, PairLogps, orpo_loss, score_logps
+from qorpo.model import output_head
 
 # Logged as means over pairs: name in the logs → field of ORPOOutput (per-pair or scalar)
 _PAIR_METRICS = {
@@ -48,11 +51,11 @@ class ORPOTrainer(Trainer):
     # compute_loss normalises by the window totals itself; the Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, beta: float = 0.1, sft_on_prompt: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, beta: float = 0.1, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("compute_metrics", partial(eval_metrics, beta=beta))
         super().__init__(*args, **kwargs)
-        self.beta, self.sft_on_prompt, self.chunk_size = beta, sft_on_prompt, chunk_size
+        self.beta, self.chunk_size = beta, chunk_size
         self.window_pairs: int | None = None
         self.window_tokens: int | None = None
         self.sums: torch.Tensor | None = None  # train metric sums since the last log (_SUMS)
@@ -60,17 +63,13 @@ class ORPOTrainer(Trainer):
         self.last_log_time = time.perf_counter()
 
     # -------------------------------------------------------------------- accumulation window
-    def _sft_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        b = batch["input_ids"].shape[0] // 2
-        mask = batch["attention_mask"] if self.sft_on_prompt else batch["response_mask"]
-        return int(mask[:b, 1:].sum())
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self.window_pairs is None:  # first window of this train(): time from here, not
             self.last_log_time = time.perf_counter()  # from init (eval may have run since)
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        totals = torch.tensor([sum(b["input_ids"].shape[0] // 2 for b in batches),
-                               sum(self._sft_tokens(b) for b in batches)], dtype=torch.float64)
+        # counted by the collator on the CPU: no device sync here
+        totals = torch.tensor([sum(b["num_pairs"] for b in batches),
+                               sum(b["num_sft_tokens"] for b in batches)], dtype=torch.float64)
         if _distributed():
             totals = totals.to(device)
             dist.all_reduce(totals)  # the big batch spans every device
@@ -79,11 +78,10 @@ class ORPOTrainer(Trainer):
         return batches, num_items
 
     # -------------------------------------------------------------------- the loss
-    def pair_logps(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> PairLogps:
-        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        return pair_logps(hidden, inputs["input_ids"], inputs["response_mask"],
-                          output_head(model), attention_mask=inputs["attention_mask"],
-                          sft_on_prompt=self.sft_on_prompt, chunk_size=self.chunk_size)
+    def pair_logps(self, model: torch.nn.Module, inputs: dict[str, Any]) -> PairLogps:
+        batch = Batch.from_dict(inputs)
+        return score_logps(hidden_states(model, batch), batch.spec, output_head(model),
+                           self.chunk_size)
 
     def orpo_forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                      num_pairs: int | None = None,
@@ -113,7 +111,7 @@ class ORPOTrainer(Trainer):
         # out.nll is this micro-batch's share of the window's token-mean NLL: summing the shares
         # (over micro-batches and devices) and dividing by the number of windows gives the mean
         # NLL per step.
-        vals = {"pairs": pairs, "nll": out.nll.detach(), "tokens": inputs["attention_mask"].sum(),
+        vals = {"pairs": pairs, "nll": out.nll.detach(), "tokens": inputs["unique_tokens"],
                 "ratio_loss": out.ratio_loss * pairs,
                 "rewards/accuracy": out.reward_accuracy * pairs,
                 "rewards/margin": out.reward_margin * pairs}

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from qorpo.config import TrainConfig
-from qorpo.data.collate import PairCollator
+from qorpo.data.collate import CHOSEN, PAD, REJECTED, PairCollator
 from qorpo.data.encode import DEFAULT_CHAT_TEMPLATE, setup_chat_template
 from qorpo.data.formats import (
     DROP_EMPTY,
@@ -245,14 +245,19 @@ def test_eos_trained_when_pad_is_eos(tmp_path):
             {"prompt": "Hi", "chosen": "Hello there! How are you today?", "rejected": "No."}]
     out = prepare_data(cfg_for(write_jsonl(tmp_path / "d.jsonl", rows)), tok)
     feats = [out.train[i] for i in range(2)]
-    batch = PairCollator(tok.pad_token_id)(feats)
+    batch = PairCollator(tok.pad_token_id).batch(feats)  # padded: rows = chosen, rejected
+    spec = batch.spec
     for i, seq in enumerate([f["chosen_input_ids"] for f in feats]
                             + [f["rejected_input_ids"] for f in feats]):
         n = len(seq)
         assert seq[-1] == tok.eos_token_id
-        assert batch["response_mask"][i, n - 1] == 1  # the EOS is scored
-        assert batch["response_mask"][i, n:].sum() == 0  # the padding (also EOS) is not
-        assert batch["input_ids"][i, n:].eq(tok.pad_token_id).all()
+        assert batch.part[i, n - 1] in (CHOSEN, REJECTED)  # the EOS is a response token ...
+        mine = spec.seq == i
+        assert spec.target[mine][-1] == tok.eos_token_id  # ... and scored, from position n-2
+        assert spec.index[mine][-1] == i * batch.input_ids.shape[1] + n - 2
+        assert (batch.part[i, n:] == PAD).all()  # the padding (also EOS) is not
+        assert batch.input_ids[i, n:].eq(tok.pad_token_id).all()
+        assert not (spec.index[mine] % batch.input_ids.shape[1] >= n - 1).any()
 
 
 def test_trailing_newline_after_end_of_turn_not_scored(tok, tmp_path):
@@ -524,25 +529,35 @@ def test_collator_shapes_padding_masks():
     feats = [
         {"row": 7, "chosen_input_ids": [5, 6, 7, 8], "chosen_response_start": 2,
          "rejected_input_ids": [5, 6, 9], "rejected_response_start": 2, "length": 4},
-        {"row": 3, "chosen_input_ids": list(range(10, 21)), "chosen_response_start": 9,
+        {"row": 3, "chosen_input_ids": list(range(10, 21)), "chosen_response_start": 2,
          "rejected_input_ids": [10, 11, 0], "rejected_response_start": 2, "length": 11},
     ]
-    batch = PairCollator(pad_token_id=0)(feats)
-    assert batch["input_ids"].shape == (4, 16)  # 2B rows, T = 11 rounded up to 16
-    assert all(batch[k].dtype == torch.long for k in batch)
-    assert batch["row"].tolist() == [7, 3]
-    assert batch["input_ids"][0, :4].tolist() == [5, 6, 7, 8]  # chosen of pair 0
-    assert batch["input_ids"][2, :3].tolist() == [5, 6, 9]  # rejected of pair 0
-    assert batch["input_ids"][3, :3].tolist() == [10, 11, 0]  # rejected of pair 1
-    assert batch["attention_mask"].sum(1).tolist() == [4, 11, 3, 3]
-    assert batch["attention_mask"][1, 11:].sum() == 0  # right padding
+    out = PairCollator(pad_token_id=0)(feats)
+    assert out["row"].tolist() == [7, 3] and out["num_pairs"] == 2
+    batch = PairCollator(pad_token_id=0).batch(feats)
+    assert batch.input_ids.shape == (4, 16)  # 2B rows, T = 11 rounded up to 16
+    assert batch.input_ids[0, :4].tolist() == [5, 6, 7, 8]  # chosen of pair 0
+    assert batch.input_ids[2, :3].tolist() == [5, 6, 9]  # rejected of pair 0
+    assert batch.input_ids[3, :3].tolist() == [10, 11, 0]  # rejected of pair 1
+    assert batch.attention_mask().sum(1).tolist() == [4, 11, 3, 3]
+    assert batch.attention_mask()[1, 11:].sum() == 0  # right padding
     want = torch.zeros(4, 16, dtype=torch.long)
     want[0, 2:4] = 1
-    want[1, 9:11] = 1
+    want[1, 2:11] = 1
     want[2, 2:3] = 1
     want[3, 2:3] = 1  # id 0 == pad id, still a response token: masks come from positions
-    assert torch.equal(batch["response_mask"], want)
-    assert PairCollator(0)(feats[:1])["input_ids"].shape == (2, 8)
+    response = ((batch.part == CHOSEN) | (batch.part == REJECTED)).long()
+    assert torch.equal(response, want)
+    assert PairCollator(0).batch(feats[:1]).input_ids.shape == (2, 8)
+    # one row per pair, the prompt once: 2 + 2 + 1 and 2 + 9 + 1 tokens
+    shared = PairCollator(0, layout="shared").batch(feats)
+    assert shared.input_ids.shape == (2, 16) and shared.unique_tokens == 5 + 12
+    packed = PairCollator(0, layout="packed", pad_to_multiple_of=1).batch(feats)
+    assert packed.input_ids.shape == (2, 12) and packed.pad_tokens == 7  # 12 can't take 5 more
+    assert PairCollator(0, layout="packed", pad_to_multiple_of=1,
+                        max_row_tokens=17).batch(feats).input_ids.shape == (1, 17)
+    with pytest.raises(ValueError, match="do not share the prompt"):
+        PairCollator(0)([{**feats[0], "rejected_response_start": 1}])
 
 
 # ----------------------------------------------------------------------------- report

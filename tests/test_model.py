@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qorpo.config import TrainConfig
+from qorpo.forward import parity_check
 from qorpo.loss import OutputHead
 from qorpo.model import (
     ModelError,
@@ -14,7 +15,6 @@ from qorpo.model import (
     final_hidden_states,
     load_base_model,
     output_head,
-    parity_check,
 )
 from tests.tiny import make_model
 
@@ -35,24 +35,42 @@ def tokens(vocab=320, rows=2, t=11):
     return ids, mask
 
 
+PAIRS = [([5, 6, 7], [8, 9], [10, 11, 12, 13]), ([14], [15, 16, 17], [18]),
+         ([19, 20, 21, 22, 23, 24], [25], [26, 27])]  # odd lengths, a one-token prompt
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("tie", [False, True])
-def test_parity_check_passes(tmp_path, arch, tie):
+@pytest.mark.parametrize("layout", ["padded", "shared", "packed"])
+def test_parity_check_passes(tmp_path, arch, tie, layout):
     model = load(make_model(tmp_path / "m", arch=arch, tie=tie))
-    ids, mask = tokens()
-    report = parity_check(model, ids, mask, torch.float32)
-    assert report.max_abs_diff <= 1e-4 and report.tokens == int(mask[:, 1:].sum())
+    report = parity_check(model, PAIRS, layout, 2, torch.float32)
+    # every token but each chosen sequence's first, and every rejected response token
+    want = sum(len(p) + len(c) - 1 + len(r) for p, c, r in PAIRS)
+    assert report.max_abs_diff <= 1e-4 and report.tokens == want
+    assert report.layout_diff <= 1e-4
 
 
 def test_parity_check_fails_loudly_for_a_head_it_cannot_reproduce(tmp_path, monkeypatch):
     model = load(make_model(tmp_path / "m", arch="llama"))
-    import qorpo.model as qm
+    import qorpo.forward as qf
 
-    real = qm.output_head
+    real = qf.output_head
     # a model whose logits are soft-capped in a way the head description does not say
-    monkeypatch.setattr(qm, "output_head", lambda m: real(m)._replace(softcap=0.5))
+    monkeypatch.setattr(qf, "output_head", lambda m: real(m)._replace(softcap=0.5))
     with pytest.raises(ModelError, match="LlamaForCausalLM: parity check failed"):
-        parity_check(model, *tokens(), torch.float32)
+        parity_check(model, PAIRS, "padded", 2, torch.float32)
+
+
+def test_parity_check_catches_a_layout_the_model_does_not_take(tmp_path, monkeypatch):
+    model = load(make_model(tmp_path / "m", arch="llama"))
+    import qorpo.forward as qf
+
+    # a model that drops custom masks: the shared row then lets rejected tokens see chosen ones
+    monkeypatch.setattr(qf, "model_attention_mask", lambda m, b: b.attention_mask()
+                        if b.layout == "padded" else None)
+    with pytest.raises(ModelError, match="shared layout scores pairs differently"):
+        parity_check(model, PAIRS, "shared", 2, torch.float32)
 
 
 def test_output_head_reads_softcap_and_scaling(tmp_path):
@@ -92,7 +110,7 @@ def test_4bit_gradients_survive_an_eval_pass(tmp_path):
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)  # make the LoRA path non-trivial
         if eval_first:
-            parity_check(model, ids, mask, torch.float32)  # runs in eval mode, no grad
+            parity_check(model, PAIRS, "padded", 2, torch.float32)  # eval mode, no grad
         model.train()
         final_hidden_states(model, ids, mask).pow(2).mean().backward()
         layer0 = model.base_model.model.model.layers[0].self_attn.q_proj

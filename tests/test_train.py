@@ -234,3 +234,47 @@ def test_ctrl_c_saves_the_adapter(workdir, monkeypatch):
         train(**base_kwargs(model, data, out, max_steps=10))
     assert (out / "adapter_model.safetensors").exists()
     assert (out / "adapter_config.json").exists()
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_layouts_train_to_the_same_adapter(workdir):
+    """padded, prefix-shared and shared+packed batches: the same pairs in the same steps, the
+    same optimisation (10 steps, AdamW)."""
+    root, model, data = workdir
+    flags = {"padded": dict(prefix_sharing=False), "shared": dict(packing=False), "packed": {}}
+    results = {}
+    for layout, kw in flags.items():
+        out = root / f"layout-{layout}"
+        results[layout] = train(**base_kwargs(model, data, out, max_steps=10, batch_size=4,
+                                              grad_accum=1, lora_dropout=0.0, **kw))
+    ref = adapter_weights(root / "layout-padded")
+    assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_B" in k)
+    for layout in ("shared", "packed"):
+        got = adapter_weights(root / f"layout-{layout}")
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-4)
+        logs = {name: [json.loads(line) for line in
+                       (root / f"layout-{name}" / "metrics.jsonl").read_text().splitlines()
+                       if "loss" in json.loads(line)] for name in ("padded", layout)}
+        assert len(logs["padded"]) == 10
+        for a, b in zip(logs["padded"], logs[layout], strict=True):
+            for key in ("loss", "nll", "ratio_loss", "rewards/accuracy", "logps/chosen",
+                        "logps/rejected"):
+                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (layout, key)
+
+
+def test_a_model_that_cannot_share_prefixes_falls_back_and_says_so(tmp_path):
+    # Qwen2 with sliding-window layers (window 8) on sequences of up to 48 tokens: a custom
+    # mask would turn the window into full attention, so the run must use the padded layout.
+    model = make_model(tmp_path / "qwen", arch="qwen2", use_sliding_window=True,
+                       sliding_window=8, max_window_layers=0)
+    data = write_pairs(tmp_path / "pairs.jsonl", 8)
+    args = ["train", "--model", str(model), "--data", str(data), "--output-dir",
+            str(tmp_path / "out"), "--max-steps", "1", "--max-length", "48",
+            "--max-prompt-length", "24", "--min-response-tokens", "2", "--batch-size", "2",
+            "--grad-accum", "1"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "prefix sharing off for this model" in said and "sliding-window" in said
+    assert "using the padded layout" in said

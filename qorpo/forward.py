@@ -1,0 +1,277 @@
+"""How a laid-out batch goes through the model: which attention mask the model's attention
+implementation takes, the final hidden states, whether a model can take the shared/packed
+layouts at all, and the start-up parity check.
+
+transformers (5.x) passes a 4-D mask through untouched to the attention function
+(masking_utils._preprocess_mask_arguments): `sdpa` takes it as a boolean "may attend" mask,
+`eager` ADDS it to the scores (a boolean mask there would be silently wrong: it gets
+`additive_mask`), FlexAttention wants a BlockMask, and flash attention's varlen kernels can only
+express block-diagonal masks — not "rejected sees the prompt but not the chosen tokens". It
+detects packed sequences from position_ids only when attention_mask is None, so the 4-D mask
+is always passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from qorpo.data.collate import CHOSEN, LAYOUTS, REJECTED, Batch, Layout, Pair, build_batch
+from qorpo.errors import ModelError
+from qorpo.loss import chunked_token_logps
+from qorpo.model import final_hidden_states, output_head, supports_logits_to_keep, unwrap
+from qorpo.quant import keep_4bit_differentiable
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean may-attend mask → additive float mask (0 where allowed, dtype min elsewhere), the
+    form eager attention adds to its scores. finfo.min, not −inf: rows are never fully masked,
+    and −inf − −inf would be NaN in reductions anyway."""
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the duration; the previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = unwrap(model).config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def attn_implementation(model: nn.Module) -> str:
+    return str(getattr(_text_config(model), "_attn_implementation", None) or "eager")
+
+
+def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The `attention_mask` to pass for this model's attention implementation: padded → 2-D
+    (the model builds its own); sdpa → (R, 1, L, L) bool; eager → additive, in the dtype of
+    the model's embeddings (the scores' dtype)."""
+    if batch.layout == "padded":
+        return batch.attention_mask()
+    impl = attn_implementation(model)
+    if impl == "sdpa":
+        return batch.dense_mask()
+    if impl == "eager":
+        emb = unwrap(model).get_input_embeddings()
+        weight = getattr(emb, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+        return additive_mask(batch.dense_mask(), dtype or torch.float32)
+    raise ValueError(f"the {batch.layout} layout needs sdpa or eager attention, the model uses "
+                     f"{impl}; see supports_layout")
+
+
+def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(R, L, H) final (post-norm) hidden states of a laid-out batch (on the model's device),
+    through every wrapper's own forward (qorpo.model.final_hidden_states)."""
+    return final_hidden_states(model, batch.input_ids, model_attention_mask(model, batch),
+                               batch.position_ids)
+
+
+def flex_block_mask(batch: Batch) -> Any:
+    """A FlexAttention BlockMask for a shared/packed batch (for CUDA; untested end to end here).
+
+    Built from the (R, L) `segment_ids`/`part` only, never the dense mask. transformers'
+    flex_attention_forward uses a BlockMask passed as `attention_mask` directly (a tensor
+    mask there is ADDED to the scores as a float `score_mod`).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, part = batch.segment_ids, batch.part.long()
+    rows, length = seg.shape
+    mask_mod = flex_mask_mod(seg, part)
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length,
+                             device=seg.device)
+
+
+def flex_mask_mod(segment_ids: torch.Tensor, part: torch.Tensor) -> Any:
+    """The may-attend rule of `Batch.dense_mask` as a FlexAttention mask_mod(b, h, q, kv)."""
+
+    def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        same = segment_ids[b, q] == segment_ids[b, kv]
+        blind = (part[b, q] == REJECTED) & (part[b, kv] == CHOSEN)
+        return same & (kv <= q) & ~blind
+
+    return mask_mod
+
+
+class LayoutSupport(NamedTuple):
+    ok: bool
+    reason: str  # one line: why not, or what was checked
+
+
+# Model types whose decoder passes a 4-D mask through untouched (transformers' mask helpers)
+# and uses position_ids only for RoPE, as verified on tiny configs in tests/test_layout.py
+# (transformers 5.24). Only consulted with probe=False; anything else needs the probe.
+KNOWN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"})
+
+
+def _sliding_window(cfg: Any) -> tuple[int | None, str | None]:
+    """(window of the model's sliding-window layers or None, a reason it cannot be handled)."""
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        return None, (f"layer types {sorted(other)} (chunked/linear/recurrent attention) do not "
+                      "take a custom mask")
+    if getattr(cfg, "attention_chunk_size", None):
+        return None, "chunked attention (attention_chunk_size) does not take a custom mask"
+    window = getattr(cfg, "sliding_window", None)
+    if kinds and "sliding_attention" not in kinds:
+        return None, None  # e.g. Qwen2/3 with use_sliding_window=False: every layer is full
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None, None
+    return (int(window) if window else None), None
+
+
+def supports_layout(
+    model: nn.Module,
+    layout: Layout = "shared",
+    *,
+    max_seq_len: int | None = None,
+    probe: bool = True,
+) -> LayoutSupport:
+    """Whether `layout` gives this model the same hidden states as the padded layout.
+
+    Static checks: attention implementation (sdpa/eager take a custom 4-D mask; flash
+    attention's varlen kernels only do block-diagonal masks, so they cannot let rejected tokens
+    see the prompt but not the chosen tokens), sliding-window/chunked/linear layers (a 4-D mask
+    replaces the model's own sliding-window mask, which is only harmless when no sequence is
+    longer than the window: pass `max_seq_len`, i.e. max_length). Then, with `probe`, one tiny
+    no-grad forward of 3 made-up pairs in both layouts must give the same hidden states at
+    every scored position: this catches models that ignore or rebuild custom masks, or ignore
+    position_ids. The probe runs in eval mode (restored after); on CPU bitsandbytes 4-bit
+    layers are first kept differentiable, as qorpo.model.keep_4bit_differentiable does.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "padded":
+        return LayoutSupport(True, "padded: the model builds its own masks")
+    cfg = _text_config(model)
+    model_type = getattr(cfg, "model_type", "?")
+    impl = attn_implementation(model)
+    if "flash" in impl:
+        return LayoutSupport(False, f"{impl}: varlen kernels take only block-diagonal masks; a "
+                             "shared prompt needs a custom mask (use sdpa)")
+    if impl == "flex_attention":
+        return LayoutSupport(False, "flex_attention: needs a BlockMask (flex_block_mask), not "
+                             "wired in yet (use sdpa)")
+    if impl not in ("sdpa", "eager"):
+        return LayoutSupport(False, f"attention implementation {impl!r} is not known to take "
+                             "a custom 4-D mask (use sdpa)")
+    window, why = _sliding_window(cfg)
+    if why:
+        return LayoutSupport(False, f"{model_type}: {why}")
+    if window is not None and (max_seq_len is None or max_seq_len > window):
+        size = "unknown" if max_seq_len is None else str(max_seq_len)
+        return LayoutSupport(False, f"{model_type}: sliding-window attention (window {window}) "
+                             f"and sequences of {size} tokens: a custom mask would turn it into "
+                             "full attention")
+    if not probe:
+        if model_type not in KNOWN_MODEL_TYPES:
+            return LayoutSupport(False, f"{model_type}: not verified with custom masks; run "
+                                 "supports_layout(..., probe=True)")
+        return LayoutSupport(True, f"{model_type} with {impl}: known to take a custom mask")
+    try:
+        err, tol = probe_layout(model, layout)
+    except Exception as exc:  # a model that rejects the mask/position_ids in any way
+        return LayoutSupport(False, f"{model_type} with {impl}: the {layout} probe failed: "
+                             f"{type(exc).__name__}: {exc}"[:300])
+    if not err <= tol:  # also catches NaN
+        return LayoutSupport(False, f"{model_type} with {impl}: {layout} hidden states differ "
+                             f"from padded by {err:.2g} (relative; tolerance {tol:g}): it "
+                             "ignores or rebuilds custom masks or position_ids")
+    return LayoutSupport(True, f"{model_type} with {impl}: {layout} probe matches padded "
+                         f"(relative diff {err:.1g})")
+
+
+def probe_layout(model: nn.Module, layout: Layout) -> tuple[float, float]:
+    """(max |h_layout − h_padded| / max |h_padded| over scored positions, tolerance)."""
+    cfg = _text_config(model)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    if vocab < 2:
+        raise ValueError("no vocab_size in the model config")
+    emb = unwrap(model).get_input_embeddings()
+    device = emb.weight.device
+    gen = torch.Generator().manual_seed(1234)
+    # Odd shapes on purpose: a one-token prompt, a one-token response, chosen longer and
+    # shorter than rejected. Packed capacity: the two longest pairs share a row.
+    shapes = [(3, 2, 4), (1, 3, 1), (2, 1, 2)]
+    pairs = [tuple(torch.randint(0, vocab, (n,), generator=gen).tolist() for n in s)
+             for s in shapes]
+    kw: dict[str, Any] = {"pad_token_id": 0, "sft_on_prompt": True}
+    ref = build_batch(pairs, "padded", **kw).to(device)
+    got = build_batch(pairs, layout, max_row_tokens=9 + 5, **kw).to(device)
+    keep_4bit_differentiable(model)  # before any eval-mode no-grad forward (see qorpo.quant)
+    with evaluating(model):
+        h_ref = hidden_states(model, ref)
+        h_got = hidden_states(model, got)
+    tol = 1e-4 if h_ref.dtype == torch.float32 else 3e-2
+    a = h_ref.flatten(0, 1)[ref.score_index].float()  # (N, H): same order in both layouts
+    g = h_got.flatten(0, 1)[got.score_index].float()
+    return float((g - a).abs().max() / a.abs().max().clamp(min=1e-6)), tol
+
+
+# ----------------------------------------------------------------------------- parity check
+class ParityReport(NamedTuple):
+    max_abs_diff: float  # chunked log-probs vs the model's own logits (padded layout)
+    layout_diff: float  # the chosen layout's log-probs vs the padded layout's (0 for padded)
+    tolerance: float
+    tokens: int
+
+
+def parity_check(model: nn.Module, pairs: list[Pair], layout: Layout, pad_token_id: int,
+                 dtype: torch.dtype) -> ParityReport:
+    """On real pairs, before the first step: (1) chunked log-probs from hidden states equal the
+    log-probs of the model's own logits, and (2) the layout the run uses scores every token as
+    the padded layout does. Catches heads that do more than lm_head (+ softcap/scale) and
+    models that do not take a custom mask, before a training step is wasted on a wrong loss."""
+    arch = type(unwrap(model)).__name__
+    if not supports_logits_to_keep(model):
+        raise ModelError(f"{arch}: its forward has no `logits_to_keep`, so qorpo cannot avoid "
+                         "computing full logits; this architecture is not supported")
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.05}.get(dtype, 0.1)
+    device = next(model.parameters()).device
+    # sft_on_prompt: score the prompt tokens too, so every token is checked
+    padded = build_batch(pairs, "padded", pad_token_id=pad_token_id,
+                         sft_on_prompt=True).to(device)
+    keep_4bit_differentiable(model)
+    with evaluating(model):
+        full = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask(),
+                     use_cache=False)
+        logp = full.logits.float().log_softmax(-1).flatten(0, 1)  # (R·L, V)
+        spec = padded.spec
+        ref = logp[spec.index].gather(1, spec.target[:, None]).squeeze(1)  # (N,)
+        h = hidden_states(model, padded).flatten(0, 1)[spec.index]  # (N, H)
+        got = chunked_token_logps(h, output_head(model), spec.target)
+        layout_diff = 0.0
+        if layout != "padded":  # the same tokens, in the same order, in every layout
+            laid = build_batch(pairs, layout, pad_token_id=pad_token_id,
+                               sft_on_prompt=True).to(device)
+            h_laid = hidden_states(model, laid).flatten(0, 1)[laid.spec.index]  # (N, H)
+            ours = chunked_token_logps(h_laid, output_head(model), laid.spec.target)
+            layout_diff = (ours - got).abs().max().item()
+    diff = (got - ref).abs().max().item() if len(ref) else 0.0
+    if not diff <= tol:  # also catches NaN
+        raise ModelError(
+            f"{arch}: parity check failed — log-probs from hidden states and the output head "
+            f"differ from the model's own logits by {diff:.3g} (tolerance {tol:g} for {dtype}). "
+            "This architecture transforms its logits in a way qorpo does not reproduce; "
+            "please report it.")
+    if not layout_diff <= tol:
+        raise ModelError(
+            f"{arch}: the {layout} layout scores pairs differently from the padded layout (by "
+            f"{layout_diff:.3g}); run with --no-prefix-sharing and please report it.")
+    return ParityReport(diff, layout_diff, tol, int(len(ref)))
