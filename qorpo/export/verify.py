@@ -287,14 +287,24 @@ def _check_llama3_rope(stored: Any, config: dict[str, Any]) -> list[str]:
 @contextmanager
 def _reader_dir(path: Path) -> Iterator[tuple[str, str]]:
     """A folder holding only a link to the file: transformers must not find the HF model's own
-    config.json / tokenizer.json next to it and read those instead of the GGUF metadata."""
+    config.json / tokenizer.json next to it and read those instead of the GGUF metadata. Its GGUF
+    reader's progress bar (plain tqdm, which quiet() cannot turn off) is off meanwhile."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
     name = "model.gguf"  # the file itself may still have its temp name
+    bar = getattr(reader, "tqdm", None)
     with tempfile.TemporaryDirectory(prefix=".qorpo-gguf-verify-") as folder:
         try:
             os.symlink(path.resolve(), Path(folder) / name)
         except OSError:  # no symlinks (some filesystems): a hard link needs the same device
             os.link(path, Path(folder) / name)
-        yield folder, name
+        if bar is not None:
+            reader.tqdm = lambda items, **kw: items
+        try:
+            yield folder, name
+        finally:
+            if bar is not None:
+                reader.tqdm = bar
 
 
 def _llama_cpp_smollm_split(tok: Any) -> None:
