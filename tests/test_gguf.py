@@ -314,3 +314,180 @@ def test_modelfile_templates() -> None:
     assert 'SYSTEM """You are helpful."""' in text  # the template's default system prompt
     text = modelfile_text("m.gguf", "{{ messages }}", ["</s>"])
     assert "TEMPLATE" not in text.replace("write TEMPLATE", "") and "by\n# hand" in text
+
+
+# ----------------------------------------------------------------------------- qorpo merge --gguf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (Llama 3 pre-tokenizer) with an adapter trained by qorpo (4-bit ORPO)."""
+    from qorpo.api import train
+    from tests.test_train import base_kwargs, write_pairs
+
+    root = tmp_path_factory.mktemp("trained")
+    base = _model(root, "llama")
+    data = write_pairs(root / "pairs.jsonl", 16)
+    train(**base_kwargs(base, data, root / "run", max_steps=3))
+    return root / "run"
+
+
+def _peft_adapter(tmp_path: Path, kind: str) -> Path:
+    from tests.test_merge import ALL_LINEAR, make_adapter
+
+    base = _model(tmp_path, kind)
+    return make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+
+
+@pytest.mark.parametrize(
+    ("kind", "out_type"), [("trained", "f16"), ("trained", "q8_0"), ("qwen2", "f16"),
+                           ("qwen2", "q8_0")],  # fmt: skip
+)
+def test_merge_writes_a_verified_gguf(
+    tmp_path: Path, trained: Path, kind: str, out_type: str
+) -> None:
+    from qorpo.merging import merge
+
+    adapter = trained if kind == "trained" else _peft_adapter(tmp_path, kind)
+    result = merge(adapter, tmp_path / "merged", dtype="fp32", gguf=out_type)  # auto: verified
+    assert result.verification is not None and result.verification.passed
+    exported = result.gguf
+    assert exported is not None and exported.verification is not None
+    assert exported.verification.passed, exported.verification.summary()
+    assert exported.path == tmp_path / "merged" / f"merged-{out_type}.gguf"
+    assert exported.modelfile == tmp_path / "merged" / f"merged-{out_type}.Modelfile"
+    assert exported.path.is_file() and exported.modelfile.is_file()
+    assert exported.arch == ("qwen2" if kind == "qwen2" else "llama")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert f"gguf | merged-{out_type}.gguf" in (result.out_dir / "README.md").read_text()
+    # the file holds the merged weights, not the base's: the adapter changed this tensor
+    reader = gguf.GGUFReader(exported.path)
+    stored = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    key = "model.layers.0.self_attn.v_proj.weight"
+    merged = load_file(result.out_dir / "model.safetensors")[key]
+    t = stored.tensor_type
+    got = gguf.quants.dequantize(stored.data, t).reshape(merged.shape)
+    want = gguf.quants.dequantize(gguf.quants.quantize(merged.numpy(), t), t).reshape(merged.shape)
+    assert np.array_equal(got, want)
+
+
+def test_gguf_verification_follows_the_merge_switch_and_memory_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qorpo.export.verify import FP32_COPIES
+    from qorpo.merging import merge
+    from qorpo.merging import verify as merge_verify
+
+    adapter = _peft_adapter(tmp_path, "llama")
+    result = merge(adapter, tmp_path / "off", verify=False, gguf="f16")
+    assert result.verification is None and result.gguf.verification is None
+    n_params = sum(v.numel() for v in load_file(result.out_dir / "model.safetensors").values())
+    # RAM for the merge's check (one fp32 copy) but not for the GGUF's (FP32_COPIES)
+    ram = int(n_params * 4 * 1.3 * 2 * (1 + FP32_COPIES) / 2)
+    monkeypatch.setattr(merge_verify, "_available_ram", lambda: ram)
+    result = merge(adapter, tmp_path / "tight", gguf="f16")
+    assert result.verification is not None and result.gguf.verification is None
+    assert any(n.startswith("GGUF verification skipped: needs") for n in result.notes)
+    result = merge(adapter, tmp_path / "forced", verify=True, gguf="f16")
+    assert result.gguf.verification is not None and result.gguf.verification.passed
+
+
+def _cli(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from qorpo.cli import app
+
+    return CliRunner().invoke(app, ["merge", *map(str, args)])
+
+
+def test_cli_merge_gguf(tmp_path: Path) -> None:
+    adapter, out = _peft_adapter(tmp_path, "llama"), tmp_path / "tiny"
+    ok = _cli(adapter, "--out", out, "--gguf", "q8_0")
+    assert ok.exit_code == 0, ok.output
+    assert (out / "tiny-q8_0.gguf").is_file() and (out / "model.safetensors").is_file()
+    modelfile = (out / "tiny-q8_0.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-q8_0.gguf\n") and "PARAMETER stop" in modelfile
+    assert "tiny-q8_0.gguf (q8_0, llama" in ok.output and "GGUF vs merged" in ok.output
+    again = _cli(adapter, "--out", out, "--gguf", "q8_0")
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert _cli(adapter, "--out", out, "--gguf", "q4_0", "--force").exit_code == 2
+
+
+def test_cli_merge_with_a_corrupted_gguf_fails_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = _peft_adapter(tmp_path, "qwen2")
+    convert = gguf_writer.convert_tensor
+
+    def corrupt(t: gguf_writer.TensorPlan) -> np.ndarray:  # 1% on one tensor
+        data = convert(t)
+        return (data * 1.01).astype(data.dtype) if t.name == "blk.1.ffn_down.weight" else data
+
+    monkeypatch.setattr(gguf_writer, "convert_tensor", corrupt)
+    failed = _cli(adapter, "--out", tmp_path / "out", "--gguf", "f16")
+    assert failed.exit_code == 1, failed.output
+    assert "verification failed" in failed.output and "GGUF file disagrees" in failed.output
+    assert "Traceback" not in failed.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "qwen2"]  # no out, no temp
+
+
+def test_cli_merge_gguf_names_an_unsupported_architecture_before_merging(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.test_merge import make_adapter
+
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    make_tokenizer(tmp_path / "gpt2")
+    adapter = make_adapter(tmp_path / "gpt2", tmp_path / "a", r=2, lora_alpha=2,
+                           fan_in_fan_out=True, target_modules=["c_attn"])  # fmt: skip
+    failed = _cli(adapter, "--out", tmp_path / "out", "--gguf", "q8_0")
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert "GGUF export does not support architecture 'GPT2LMHeadModel'" in failed.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "gpt2"]
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_answers_like_the_merged_model(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct + a small LoRA, merged with --gguf q8_0: the GGUF, loaded with
+    transformers' GGUF reader, answers the demo question as the merged model does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qorpo.demo import DemoUnavailableError, ensure_demo_model
+    from qorpo.hf import greedy_reply
+
+    try:
+        base = ensure_demo_model()
+    except DemoUnavailableError as exc:  # no package registry: nothing to test against
+        pytest.skip(f"demo model unavailable: {exc}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapted = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # non-zero: the merge has something to fold in
+                param.normal_(0, 0.01)
+    adapted.save_pretrained(tmp_path / "adapter")
+    del model, adapted
+    out = tmp_path / "smol"
+    result = _cli(tmp_path / "adapter", "--out", out, "--gguf", "q8_0", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "GGUF vs merged" in result.output and "differs" not in result.output
+    question = "What is the capital of France?"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want = greedy_reply(merged, AutoTokenizer.from_pretrained(out), question, max_new_tokens=8)
+    del merged
+    alone = tmp_path / "gguf-alone"  # next to config.json, transformers would read that instead
+    alone.mkdir()
+    (alone / "smol-q8_0.gguf").symlink_to(out / "smol-q8_0.gguf")
+    tok = AutoTokenizer.from_pretrained(alone, gguf_file="smol-q8_0.gguf")
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="smol-q8_0.gguf",
+                                                 dtype=torch.float32)  # fmt: skip
+    got = greedy_reply(model, tok, question, max_new_tokens=8)
+    assert "Paris" in want.text and "Paris" in got.text, (want, got)
+    assert got.text == want.text
