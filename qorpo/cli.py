@@ -34,6 +34,7 @@ from qorpo.errors import (
 )
 
 if TYPE_CHECKING:
+    from qorpo.export import GGUFResult
     from qorpo.merging import MergeResult
 
 app = typer.Typer(name="qorpo", add_completion=False, rich_markup_mode="rich",
@@ -304,7 +305,7 @@ def _merge_table(result: MergeResult) -> Table:
     return table
 
 
-def _gguf_rows(gguf: Any) -> dict[str, str]:
+def _gguf_rows(gguf: GGUFResult) -> dict[str, str]:
     rows = {
         "GGUF": f"{gguf.path.name} ({gguf.out_type}, {gguf.arch}, {gguf.tensors} tensors, "
         f"{gguf.bytes / 1e6:,.1f} MB)",
