@@ -13,6 +13,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
@@ -40,6 +42,23 @@ def temp_file(target: Path, kind: str = "tmp") -> Path:
     path = Path(name)
     path.chmod(0o666 & ~_umask())
     return path
+
+
+@contextmanager
+def replacing(target: Path, kind: str = "tmp") -> Iterator[Path]:
+    """Write `target` through a temp file next to it: yields the temp file's path; when the block
+    finishes, the file is flushed to disk and renamed onto `target` (replacing it); when it
+    raises (Ctrl-C included), the temp file is removed and `target` is left as it was. Temp
+    files of dead processes for the same `target` are removed first."""
+    remove_stale(target, (kind,))
+    tmp = temp_file(target, kind)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # a no-op after the rename
 
 
 def remove_stale(target: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:

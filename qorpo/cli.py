@@ -34,6 +34,7 @@ from qorpo.errors import (
 )
 
 if TYPE_CHECKING:
+    from qorpo.export import GGUFResult
     from qorpo.merging import MergeResult
 
 app = typer.Typer(name="qorpo", add_completion=False, rich_markup_mode="rich",
@@ -191,6 +192,12 @@ class Method(str, Enum):
     full = "full"
 
 
+class GGUFType(str, Enum):
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
 @app.command("merge")
 def merge_command(
     adapter_dir: Annotated[
@@ -217,12 +224,21 @@ def merge_command(
         typer.Option(help="stream: shard by shard, low RAM. full: load + peft merge_and_unload."),
     ] = Method.stream,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    gguf: Annotated[
+        GGUFType | None,
+        typer.Option(
+            help="Also write a GGUF for llama.cpp, Ollama and LM Studio (OUT/<OUT's name>-<type>"
+            ".gguf) and an Ollama Modelfile; Llama, Mistral, Qwen2 with byte-level BPE "
+            "tokenizers; verified with the merge.",
+            show_default=False,
+        ),
+    ] = None,
     verify: Annotated[
         bool | None,
         typer.Option(
             "--verify/--no-verify",
-            help="Compare logits of the merged model with base + adapter (default: when it fits "
-            "comfortably in RAM).",
+            help="Compare logits of the merged model with base + adapter, and of the GGUF with "
+            "the merged model (default: each when it fits comfortably in RAM).",
             show_default=False,
         ),
     ] = None,
@@ -242,7 +258,8 @@ def merge_command(
         try:
             return merge(adapter_dir, out, base=base, dtype=dtype.value, into=into.value,
                          method=method.value, max_shard_size=max_shard_size, verify=verify,
-                         force=force, allow_pickle=allow_pickle, progress=True)
+                         force=force, allow_pickle=allow_pickle, progress=True,
+                         gguf=gguf.value if gguf is not None else None)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the staging folder is already gone
             err_console.print(f"[yellow]Interrupted: nothing was written to {escape(str(out))}."
                               "[/]")
@@ -281,9 +298,29 @@ def _merge_table(result: MergeResult) -> Table:
             rows[f"vs {report.other_reference}"] = str(report.other_gap)
     else:
         rows["verified"] = "no"
+    if result.gguf is not None:
+        rows |= _gguf_rows(result.gguf)
     for key, value in rows.items():
         table.add_row(key, escape(value))
     return table
+
+
+def _gguf_rows(gguf: GGUFResult) -> dict[str, str]:
+    rows = {
+        "GGUF": f"{gguf.path.name} ({gguf.out_type}, {gguf.arch}, {gguf.tensors} tensors, "
+        f"{gguf.bytes / 1e6:,.1f} MB)",
+        "Modelfile": gguf.modelfile.name,
+    }
+    report = gguf.verification
+    if report is None:
+        rows["GGUF verified"] = "no"
+        return rows
+    rows["GGUF vs merged"] = (f"max|Δ|={report.max_abs:.3g} (tolerance {report.tolerance:.3g}, "
+                              f"{report.out_type} rounding alone {report.rounding_gap:.3g})")
+    rows["GGUF greedy"] = (f"agreement={report.greedy_agreement:.1%}, generation "
+                           f"{'agrees' if report.generation_agrees else 'differs'}")
+    rows["GGUF tokenizer"] = f"{report.tokens_checked} token ids identical, template + eos/eot ok"
+    return rows
 
 
 @app.command("version")

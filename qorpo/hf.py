@@ -1,5 +1,6 @@
-"""Small bridges to Hugging Face libraries, one of each: quiet loading, dtype names, and a greedy
-chat reply encoded exactly as training encodes prompts."""
+"""Small bridges to Hugging Face libraries, one of each: quiet loading, dtype names, the tokens
+that end a reply (eos, the chat template's end-of-turn), and a greedy chat reply encoded exactly
+as training encodes prompts."""
 
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     return [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token that ends an assistant turn under the chat template (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>): a one-turn conversation is
+    rendered and the first token after the assistant's text is taken, if it is a special one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "qorpo end-of-turn marker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except Exception:  # noqa: BLE001 - odd templates: callers fall back to eos
+        return None
+    tail = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return ids[0] if ids and ids[0] in special else None
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: eos, plus the chat template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def greedy_reply(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 48) -> Reply:

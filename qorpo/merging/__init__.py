@@ -8,7 +8,8 @@ shards.py      write planned safetensors shards; output-folder checks; atomic st
 methods.py     stream (tensor by tensor) and full (peft merge_and_unload) -> Merged
 output.py      config, generation config, tokenizer and model card of the merged folder
 verify.py      merged logits vs base + adapter, with a measured tolerance
-run.py         merge(): the steps above in order -> MergeResult
+run.py         merge(): the steps above in order -> MergeResult; with gguf=, qorpo.export's
+               export_gguf() into the staging folder before the rename
 """
 
 from qorpo.merging.run import MergeResult, merge

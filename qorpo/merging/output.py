@@ -8,40 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from qorpo._version import __version__
-from qorpo.hf import CONFIG_NAMES
+from qorpo.hf import CONFIG_NAMES, end_of_turn_ids
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path:
+def tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path:
     """The tokenizer the adapter was trained with (saved next to it by the trainer) wins."""
     if any((adapter_dir / f).is_file() for f in _TOKENIZER_FILES):
         return adapter_dir
     return base_dir
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant turn under the chat template (plus eos).
-
-    Renders a one-turn conversation and takes the first token after the assistant text, so
-    ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn> etc. all come out right.
-    """
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if getattr(tokenizer, "chat_template", None):
-        marker = "qorpo merge marker"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                tokenize=False,
-            )
-        except Exception:  # noqa: BLE001 - odd templates just fall back to eos
-            text = ""
-        tail = text.split(marker, 1)[1] if marker in text else ""
-        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-        if tail_ids and tail_ids[0] in special:
-            ids.append(tail_ids[0])
-    return list(dict.fromkeys(ids))
 
 
 def _write_config(tmp: Path, base_dir: Path, dtype: str, untied: bool) -> dict[str, Any]:
@@ -123,7 +99,7 @@ def write_model_files(
 ) -> tuple[Path, list[str]]:
     """Everything but the weights: config, tokenizer (+ chat template), generation config, card.
     Returns where the tokenizer came from and notes for the user."""
-    tok_src = _tokenizer_source(adapter, base_dir)
+    tok_src = tokenizer_source(adapter, base_dir)
     config = _write_config(tmp, base_dir, dtype, untied)
     tokenizer, notes = _save_tokenizer(tmp, tok_src, base_dir)
     _write_generation_config(tmp, base_dir, config, end_of_turn_ids(tokenizer))

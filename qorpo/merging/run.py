@@ -7,7 +7,9 @@ tensor plus the adapter whatever the model size. ``method="full"`` loads the mod
 peft's ``merge_and_unload()`` instead (for adapter features the streaming path does not handle).
 
 Everything is written into a temporary sibling of the output folder and renamed into place at
-the end: a crash, Ctrl-C or a full disk never leaves a half-written model behind.
+the end: a crash, Ctrl-C or a full disk never leaves a half-written model behind. ``gguf=`` also
+exports ``<out>/<name>-<type>.gguf`` (qorpo.export) into that folder before the rename, so a
+GGUF that fails its verification leaves nothing either.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ from qorpo.merging.checkpoint import (
     resolve_base,
 )
 from qorpo.merging.methods import Merged, full_merge, stream_merge
-from qorpo.merging.output import write_model_files
+from qorpo.merging.output import tokenizer_source, write_model_files
 from qorpo.merging.plan import ModelInfo, build_plan, model_info
 from qorpo.merging.shards import check_disk, check_out_dir, parse_size, staging
 
 if TYPE_CHECKING:
+    from qorpo.export.run import GGUFResult
     from qorpo.merging.verify import VerifyReport
 
 
@@ -65,6 +68,7 @@ class MergeResult(NamedTuple):
     verification: VerifyReport | None
     notes: tuple[str, ...]
     seconds: float
+    gguf: GGUFResult | None = None  # with gguf=: the .gguf + Modelfile, and their verification
 
 
 def resolve_dtype(dtype: str, base_config: dict[str, Any]) -> tuple[str, str | None]:
@@ -94,12 +98,15 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    gguf: str | None = None,
 ) -> MergeResult:
     """Merge the LoRA adapter in ``adapter_dir`` into its base model and save it to ``out``.
 
     ``base`` defaults to the adapter's ``base_model_name_or_path``. ``into="dequantized"`` first
     passes every 4-bit-quantised weight through the NF4 round trip training saw (in
     ``compute_dtype``). ``verify=None`` verifies when the model comfortably fits in RAM.
+    ``gguf`` ("f16" | "bf16" | "q8_0"): also write ``out/<out name>-<gguf>.gguf`` and an Ollama
+    Modelfile, checked against the merged model under the same ``verify`` switch.
     Raises :class:`MergeError` (nothing written) or :class:`MergeVerificationError`.
     """
     start = time.perf_counter()
@@ -111,7 +118,12 @@ def merge(
     base_ref, base_dir, base_config = _locate_base(adapter, base, allow_pickle)
     out_dir = Path(out).expanduser().absolute()
     check_out_dir(out_dir, force, [adapter, base_dir])
+    if gguf is not None:  # what the export would refuse, refused before the merge
+        from qorpo.export.run import preflight
+
+        preflight(base_config, tokenizer_source(adapter, base_dir), gguf)
     ckpt = open_base(base_dir, allow_pickle=allow_pickle)
+    n_params = sum(numel(shape) for _, shape in ckpt.meta.values())
     dtype_name, dtype_note = resolve_dtype(dtype, base_config)
     out_dtype = DTYPES[dtype_name]
     info, info_note = _model_info_or_none(base_dir, needed=into == "dequantized")
@@ -144,6 +156,10 @@ def merge(
             max_shard_size=max_shard_size,
             compute_dtype=compute_dtype,
         )
+    if gguf is not None:
+        from qorpo.export.gguf import file_bytes
+
+        need += file_bytes(n_params, gguf)
     check_disk(out_dir.parent, need)
     notes = [n for n in (dtype_note, info_note) if n]
     with staging(out_dir) as tmp:
@@ -151,6 +167,8 @@ def merge(
         notes += [f"untied {k} from {info.tied[k]}: the adapter changes it" for k in merged.untied]
         settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
         settings |= {"max_shard_size": max_shard_size, "untied": ", ".join(merged.untied) or "-"}
+        if gguf is not None:
+            settings["gguf"] = f"{out_dir.name}-{gguf}.gguf"
         tok_src, tok_notes = write_model_files(
             tmp,
             title=out_dir.name,
@@ -162,7 +180,10 @@ def merge(
             settings=settings,
         )
         notes += tok_notes
-        report = _maybe_verify(tmp, adapter, ckpt, into, dtype_name, verify, notes)
+        report = _maybe_verify(tmp, adapter, ckpt, n_params, into, dtype_name, verify, notes)
+        exported = None
+        if gguf is not None:
+            exported = _export_gguf(tmp, out_dir.name, gguf, n_params, verify, notes, progress)
     return MergeResult(
         out_dir=out_dir,
         base=base_dir,
@@ -179,6 +200,7 @@ def merge(
         verification=report,
         notes=tuple(notes),
         seconds=time.perf_counter() - start,
+        gguf=exported.moved_to(out_dir) if exported is not None else None,
     )
 
 
@@ -221,6 +243,7 @@ def _maybe_verify(
     tmp: Path,
     adapter: Path,
     ckpt: BaseCheckpoint,
+    n_params: int,
     into: str,
     dtype: str,
     verify: bool | None,
@@ -230,7 +253,6 @@ def _maybe_verify(
 
     if verify is False:
         return None
-    n_params = sum(numel(shape) for _, shape in ckpt.meta.values())
     ok, why = verification_budget(n_params)
     if verify is None and not ok:
         notes.append(f"verification skipped: {why}; pass --verify to force it")
@@ -249,3 +271,25 @@ def _maybe_verify(
             f"merged model disagrees with base + adapter: {report.summary()}", report
         )
     return report
+
+
+def _export_gguf(
+    tmp: Path,
+    name: str,
+    out_type: str,
+    n_params: int,
+    verify: bool | None,
+    notes: list[str],
+    progress: bool,
+) -> GGUFResult:
+    """The GGUF into the staging folder; verified under the merge's switch and memory rule."""
+    from qorpo.export.run import export_gguf
+    from qorpo.export.verify import FP32_COPIES
+    from qorpo.merging.verify import verification_budget
+
+    check = verify is True
+    if verify is None:
+        check, why = verification_budget(n_params, copies=FP32_COPIES)
+        if not check:
+            notes.append(f"GGUF verification skipped: {why}; pass --verify to force it")
+    return export_gguf(tmp, tmp, out_type=out_type, name=name, verify=check, progress=progress)

@@ -168,17 +168,16 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def verification_budget(n_params: int) -> tuple[bool, str]:
-    """Whether verifying fits comfortably: the fp32 reference (4 B/param, +30% for activations
-    and loading buffers) must take at most half of the available RAM."""
-    need = int(n_params * 4 * 1.3)
+def verification_budget(n_params: int, copies: float = 1.0) -> tuple[bool, str]:
+    """Whether verifying fits comfortably: ``copies`` fp32 copies of the model alive at once
+    (4 B/param each, +30% for activations and loading buffers) must take at most half of the
+    available RAM. The merge's check holds one (models are loaded one at a time)."""
+    need = int(n_params * 4 * 1.3 * copies)
     avail = _available_ram()
     if need <= avail // 2:
         return True, ""
-    return (
-        False,
-        f"needs ~{need / 1e9:.1f} GB RAM for an fp32 reference, {avail / 1e9:.1f} GB available",
-    )
+    what = "an fp32 reference" if copies == 1 else f"{copies:g} fp32 copies of the model"
+    return False, f"needs ~{need / 1e9:.1f} GB RAM for {what}, {avail / 1e9:.1f} GB available"
 
 
 def verify_merged(
