@@ -16,7 +16,7 @@ from qorpo.config import TrainConfig
 from qorpo.errors import ModelError
 from qorpo.hf import DTYPES, quiet
 from qorpo.loss import OutputHead
-from qorpo.quant import bnb_config, keep_4bit_differentiable
+from qorpo.quant import bnb_config, fsdp_active, keep_4bit_differentiable
 
 
 class DtypeChoice(NamedTuple):
@@ -118,7 +118,9 @@ def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) 
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if device.type == "cuda":
+    if fsdp_active():  # FSDP places and shards the weights; rank 0 reads them (accelerate's
+        kwargs["low_cpu_mem_usage"] = True  # fsdp_cpu_ram_efficient_loading), others wait
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     try:
         with quiet():
@@ -160,9 +162,16 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
                       task_type="CAUSAL_LM")
     try:
         with quiet():
-            return get_peft_model(model, lora)
+            # FSDP flattens each unit's parameters into one tensor of one dtype: LoRA weights
+            # then stay in the compute dtype (peft would upcast them to fp32).
+            model = get_peft_model(model, lora, autocast_adapter_dtype=not fsdp_active())
     except ValueError as exc:
         raise ModelError(f"LoRA targets {cfg.lora_targets}: {exc}") from exc
+    if fsdp_active():  # the norms prepare_model_for_kbit_training upcast, back to one dtype
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

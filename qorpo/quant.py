@@ -8,6 +8,7 @@ they quantise identically, so the settings exist once: NF4, double quantisation,
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,14 +19,25 @@ NF4_DOUBLE_QUANT = True
 NF4_BLOCKSIZE = 64
 
 
+def fsdp_active() -> bool:
+    """Launched with FSDP (accelerate launch with an FSDP config sets this for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def bnb_config(quant: str, compute_dtype: torch.dtype) -> Any:
-    """transformers' BitsAndBytesConfig for ``quant`` (4bit | 8bit | none -> None)."""
+    """transformers' BitsAndBytesConfig for ``quant`` (4bit | 8bit | none -> None).
+
+    Under FSDP the packed 4-bit weights are *stored* in the compute dtype: FSDP shards only
+    float tensors, and flattens a unit's parameters into one tensor of one dtype (bitsandbytes
+    reads the bytes the same way whatever the storage dtype, so the values are unchanged).
+    """
     from transformers import BitsAndBytesConfig
 
     if quant == "4bit":
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp_active() else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=NF4_QUANT_TYPE,
                                   bnb_4bit_use_double_quant=NF4_DOUBLE_QUANT,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None

@@ -10,6 +10,7 @@ the log of the first and the last step (the first step warms up), and tokens/s a
     python scripts/bench_scale.py                         # demo model + demo data, 2 processes
     python scripts/bench_scale.py --procs 2 --steps 6 --batch 4
     python scripts/bench_scale.py --device cuda           # all GPUs of the machine (NCCL)
+    python scripts/bench_scale.py --device cuda --fsdp    # the same through FSDP + QLoRA
 
 Prints a table (s/step, tokens/s, speed-up, scaling efficiency = speed-up / N) and one JSON line.
 """
@@ -35,7 +36,11 @@ def run(procs: int, args: argparse.Namespace, model: str, data: str, out: Path) 
              "--grad-accum", str(accum), "--logging-steps", "1", "--save-steps", "100000",
              "--max-length", str(args.max_length), "--warmup-ratio", "0",
              "--no-group-by-length"]
-    if procs == 1:
+    if args.fsdp:  # accelerate's FSDP needs an accelerator: the GPU check of FSDP + QLoRA
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "examples" / "accelerate" / "fsdp_qlora.yaml"), "--num_processes",
+               str(procs), "-m", "qorpo", *train, "--dtype", "bf16"]
+    elif procs == 1:
         cmd = [sys.executable, "-m", "qorpo", *train]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -65,7 +70,11 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: the offline demo model)")
     parser.add_argument("--data", help="preference file (default: the demo data)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="(CUDA) shard the 4-bit model (examples/accelerate/...)")
     args = parser.parse_args()
+    if args.fsdp and args.device != "cuda":
+        raise SystemExit("--fsdp needs --device cuda: accelerate's FSDP needs an accelerator")
     if args.device == "cuda":
         import torch
 

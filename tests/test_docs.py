@@ -59,8 +59,11 @@ def test_options_md_lists_every_field_with_its_default():
 CLI_FLAGS = {"--dry-run", "--help", "--debug", "--version"}  # qorpo train and qorpo itself
 MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-size",
                "--verify", "--no-verify", "--force", "--allow-pickle"}  # qorpo merge (merge.md)
-OTHER_TOOLS = {"--index-url", "--num_processes"}  # pip, accelerate launch
-SCRIPT_FLAGS = {"--check", "--no-write"}  # scripts/memory_table.py, scripts/gen_docs.py
+OTHER_TOOLS = {"--index-url", "--num_processes", "--config_file", "--multi_gpu", "--cpu",  # pip,
+               "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",  # accelerate,
+               "--master_port"}  # torchrun
+# scripts/memory_table.py, scripts/gen_docs.py, scripts/bench_scale.py
+SCRIPT_FLAGS = {"--check", "--no-write", "--fsdp", "--device"}
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
@@ -237,3 +240,13 @@ def test_relative_links_and_anchors_resolve(doc):
         if anchor and file.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
             assert anchor in {_anchor(h) for h in headings}, f"{doc}: no anchor {target}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "accelerate").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes >= 2 and cfg.mixed_precision == "no"  # qorpo picks the dtype
+    assert str(path.relative_to(ROOT)) in (ROOT / "docs" / "guide.md").read_text()

@@ -141,3 +141,33 @@ def test_dtype_choice_on_gpus(monkeypatch, native_bf16, expected):
         assert "fp16 compute" in choice.reason
         with pytest.raises(ModelError, match="no bf16"):
             qm.choose_dtype("bf16", torch.device("cuda", 0))
+
+
+def test_fsdp_settings_store_4bit_weights_in_the_compute_dtype(tmp_path, monkeypatch):
+    """Under FSDP (accelerate sets ACCELERATE_USE_FSDP), every parameter of the model is in the
+    compute dtype (FSDP flattens a unit into one tensor of one dtype), and storing the packed
+    4-bit weights as bf16 instead of uint8 changes no weight the model computes with."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    path = make_model(tmp_path / "m", arch="llama")
+
+    def load_with(fsdp: bool) -> tuple[dict[str, torch.Tensor], set]:
+        with monkeypatch.context() as m:
+            if fsdp:
+                m.setenv("ACCELERATE_USE_FSDP", "true")
+            else:
+                m.delenv("ACCELERATE_USE_FSDP", raising=False)
+            cfg = TrainConfig(model=str(path))
+            model = add_lora(load_base_model(cfg, torch.bfloat16, CPU), cfg, torch.bfloat16)
+        weights = {n: bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+                   for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+        return weights, {p.dtype for p in model.parameters()}
+
+    plain, plain_dtypes = load_with(False)
+    sharded, fsdp_dtypes = load_with(True)
+    assert fsdp_dtypes == {torch.bfloat16}
+    assert torch.uint8 in plain_dtypes and torch.float32 in plain_dtypes  # the usual mix
+    assert plain.keys() == sharded.keys() and len(plain) == 14
+    for name in plain:
+        assert torch.equal(plain[name], sharded[name]), name
