@@ -42,34 +42,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "multiturn1024": dict(max_length=1024, batch=4, pairs=8, min_turns=3, model="demo"),
     "tiny": dict(max_length=96, batch=4, pairs=200, min_turns=1, model="tiny"),
 }
-# On a GPU (the shapes a CUDA run should fill): the same data, bf16, SmolLM2-135M and a
-# random-init model of Llama-3.2-1B's shape, 8 pairs per micro-batch, 32 pairs per epoch.
-CUDA_PRESET = dict(batch=8, pairs=32, models=("demo", "llama-1b-shape"))
+# On a GPU (the shapes a CUDA run should fill): the same data presets in bf16, 8 pairs per
+# micro-batch, 32 pairs per epoch; SmolLM2-135M by default, any local model with --model
+# (e.g. a Llama-3.1-8B-Instruct folder: the prompt's share of the compute grows with the model).
+CUDA_PRESET = dict(batch=8, pairs=32)
 
 
 # ----------------------------------------------------------------------------- data
-def select_rows(path: Path, min_turns: int, count: int, max_length: int,
-                tokenizer: Any) -> list[dict[str, Any]]:
-    """The first `count` rows with at least `min_turns` prompt turns whose prompt fits
-    max_length / 2 tokens, as TRL's conversational format (both trainers read it)."""
-    from qorpo.data.encode import prompt_ids
-
+def select_rows(path: Path, min_turns: int, count: int) -> list[dict[str, Any]]:
+    """`count` rows with at least `min_turns` prompt turns, spread evenly over the file (not
+    the first ones: the prompt share varies along it), in TRL's conversational format (both
+    trainers read it). Long rows are kept: each trainer truncates them to max_length (qorpo
+    keeps the end of a long prompt, up to half of max_length)."""
     rows = json.loads(path.read_text())
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    out = []
-    for row in rows:
-        turns = row["conversations"]
-        if sum(t["from"] != "system" for t in turns) < min_turns:
-            continue
-        prompt = [{"role": roles[t["from"]], "content": t["value"]} for t in turns]
-        if len(prompt_ids(tokenizer, prompt)) > max_length // 2:
-            continue
-        out.append({"prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
-                    "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]})
-        if len(out) == count:
-            return out
-    raise SystemExit(f"{path}: only {len(out)} rows with >= {min_turns} turns fit; need {count}")
+    eligible = [r for r in rows if sum(t["from"] != "system" for t in r["conversations"])
+                >= min_turns]
+    if len(eligible) < count:
+        raise SystemExit(f"{path}: only {len(eligible)} rows with >= {min_turns} turns")
+    picked = [eligible[i * len(eligible) // count] for i in range(count)]
+    return [{"prompt": [{"role": roles[t["from"]], "content": t["value"]}
+                        for t in row["conversations"]],
+             "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]}
+            for row in picked]
 
 
 def synthetic_rows(count: int) -> list[dict[str, Any]]:
@@ -231,15 +227,12 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         model = str(make_model(work / "tiny", arch="llama"))
         rows = synthetic_rows(preset["pairs"])
     else:
-        from transformers import AutoTokenizer
-
         from qorpo.demo import ensure_demo_model
 
-        model = str(ensure_demo_model())
+        model = args.model or str(ensure_demo_model())
         if not args.data.is_file():
             raise SystemExit(f"{args.data} not found: pass --data dpo_en_demo.json")
-        rows = select_rows(args.data, preset["min_turns"], preset["pairs"],
-                           preset["max_length"], AutoTokenizer.from_pretrained(model))
+        rows = select_rows(args.data, preset["min_turns"], preset["pairs"])
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dict(preset, model=model, data=str(data), work=str(work), device=args.device,
@@ -250,6 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="dpo512")
     parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--model", help="model folder (default: the offline demo model)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating")
     parser.add_argument("--pairs", type=int, default=0, help="pairs per epoch (preset's)")
