@@ -62,8 +62,8 @@ MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-
 OTHER_TOOLS = {"--index-url", "--num_processes", "--config_file", "--multi_gpu", "--cpu",  # pip,
                "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",  # accelerate,
                "--master_port"}  # torchrun
-# scripts/memory_table.py, scripts/gen_docs.py, scripts/bench_scale.py
-SCRIPT_FLAGS = {"--check", "--no-write", "--fsdp", "--device"}
+# scripts/memory_table.py, gen_docs.py, bench_scale.py, bench_speed.py
+SCRIPT_FLAGS = {"--check", "--no-write", "--fsdp", "--device", "--preset"}
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
