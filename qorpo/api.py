@@ -18,6 +18,7 @@ from qorpo.config import TrainConfig
 from qorpo.demo import DEMO_PROMPTS
 from qorpo.errors import ConfigError, Terminated, terminate_as_interrupt
 from qorpo.progress import RichProgressCallback, start_table, summary_table
+from qorpo.sysmem import pin_malloc_thresholds
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
 # Applied only to options the user left at their defaults.
@@ -69,6 +70,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     keyword overrides win. Returns where everything went and the final metrics."""
     console = console or Console()
     cfg = resolve_config(config, **overrides)
+    if cfg.low_cpu_memory:
+        pin_malloc_thresholds()  # before anything large is allocated (see qorpo.sysmem)
     if cfg.model and Path(cfg.model).expanduser().exists():
         cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser()))
     demo_run = is_demo(cfg)

@@ -50,6 +50,8 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Model", "Run model/tokenizer code from the hub repo.")
     allow_pickle: bool = _f(False, "Model", "Allow .bin (pickle) weights; safetensors only "
                             "otherwise.")
+    low_cpu_memory: bool = _f(False, "Model", "CPU: return freed memory to the OS at once "
+                              "(glibc); about half the peak RSS, about 1.4x slower.")
     attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
                                          "flash_attention_2); transformers' choice if empty.")
     # --- LoRA ------------------------------------------------------------------------------
