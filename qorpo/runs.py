@@ -25,9 +25,13 @@ RUN_FILE = "qorpo_run.json"
 CHECKPOINT_MARKER = "qorpo_checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "qorpo_config.yaml"
-# Options that change where and how often things are written, not what is learned.
+# Options that change where and how often things are written, or how fast and in how much
+# memory the same steps run (exact: the layouts, the loss chunking, checkpointing), not what
+# is learned. A run may resume with other values of these.
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit",
-                                "report_to", "resume", "overwrite", "eval_steps"})
+                                "report_to", "resume", "overwrite", "eval_steps",
+                                "prefix_sharing", "packing", "chunk_size",
+                                "gradient_checkpointing", "low_cpu_memory"})
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
