@@ -130,7 +130,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                           f"{support.reason}; using the padded layout")
             layout = "padded"
-    pairs = pairs_from_features([data.train[i] for i in range(min(4, len(data.train)))])
+    pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
     same = "" if layout == "padded" else f"; the {layout} layout scores them as padded does " \

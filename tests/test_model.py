@@ -45,8 +45,11 @@ PAIRS = [([5, 6, 7], [8, 9], [10, 11, 12, 13]), ([14], [15, 16, 17], [18]),
 def test_parity_check_passes(tmp_path, arch, tie, layout):
     model = load(make_model(tmp_path / "m", arch=arch, tie=tie))
     report = parity_check(model, PAIRS, layout, 2, torch.float32)
-    # every token but each chosen sequence's first, and every rejected response token
-    want = sum(len(p) + len(c) - 1 + len(r) for p, c, r in PAIRS)
+    # every token but each chosen sequence's first, and every rejected response token, of the
+    # pairs it checks (the first PARITY_PAIRS, each part cut to PARITY_TOKENS)
+    from qorpo.forward import PARITY_PAIRS
+
+    want = sum(len(p) + len(c) - 1 + len(r) for p, c, r in PAIRS[:PARITY_PAIRS])
     assert report.max_abs_diff <= 1e-4 and report.tokens == want
     assert report.layout_diff <= 1e-4
 
@@ -171,3 +174,19 @@ def test_fsdp_settings_store_4bit_weights_in_the_compute_dtype(tmp_path, monkeyp
     assert plain.keys() == sharded.keys() and len(plain) == 14
     for name in plain:
         assert torch.equal(plain[name], sharded[name]), name
+
+
+def test_parity_check_looks_at_short_pieces_of_long_pairs(tmp_path, monkeypatch):
+    """The check must not build (rows, 512, vocab) logits: it cuts each part of each pair."""
+    import qorpo.forward as qf
+
+    model = load(make_model(tmp_path / "m", arch="llama"))
+    long = [(list(range(5, 305)), list(range(5, 205)), list(range(7, 207)))] * 3
+    seen = []
+    real = qf.build_batch
+    monkeypatch.setattr(qf, "build_batch", lambda p, *a, **k: seen.append(p) or real(p, *a, **k))
+    report = parity_check(model, long, "packed", 2, torch.float32)
+    assert all(len(pairs) == qf.PARITY_PAIRS for pairs in seen)
+    assert all(len(part) <= qf.PARITY_TOKENS for pairs in seen for pair in pairs
+               for part in pair)
+    assert report.tokens == qf.PARITY_PAIRS * (3 * qf.PARITY_TOKENS - 1)
