@@ -190,3 +190,20 @@ def test_parity_check_looks_at_short_pieces_of_long_pairs(tmp_path, monkeypatch)
     assert all(len(part) <= qf.PARITY_TOKENS for pairs in seen for pair in pairs
                for part in pair)
     assert report.tokens == qf.PARITY_PAIRS * (3 * qf.PARITY_TOKENS - 1)
+
+
+def test_no_parameter_keeps_the_checkpoint_file_mapped(tmp_path):
+    """A CPU load in the checkpoint's own dtype is zero-copy: embedding and norms would stay
+    views of the safetensors mmap, keeping the whole file resident (qorpo.sysmem)."""
+    import gc
+
+    from qorpo.sysmem import _mapped_files
+
+    path = make_model(tmp_path / "m", arch="llama")
+    model = load(path)
+    gc.collect()
+    ranges = _mapped_files()
+    assert not any(lo <= p.untyped_storage().data_ptr() < hi
+                   for lo, hi in ranges for p in model.parameters())
+    with open("/proc/self/maps") as fh:
+        assert str(path / "model.safetensors") not in fh.read()
