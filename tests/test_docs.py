@@ -13,15 +13,8 @@ from types import ModuleType
 import pytest
 
 from qorpo.config import TrainConfig
-from qorpo.memory import (
-    GIB,
-    MODELS,
-    ModelShape,
-    estimate,
-    markdown_tables,
-    max_pairs,
-    shape_from_config,
-)
+from qorpo.memory import GIB, MODELS, ModelShape, estimate, shape_from_config
+from qorpo.memory.table import markdown_tables, max_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

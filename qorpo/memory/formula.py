@@ -1,0 +1,161 @@
+"""Peak memory of a qorpo training step, component by component: a formula with its reasons.
+
+Two devices, two meanings of "memory":
+
+* ``cuda``: what torch.cuda.max_memory_allocated reaches, plus an allowance for the CUDA context
+  and the caching allocator. 16-bit compute, paged 8-bit AdamW.
+* ``cpu``: the process's peak RSS (what `top` and the OOM killer see). fp32 compute, torch's
+  AdamW, plus what the Python runtime and its libraries hold, and what glibc's allocator keeps
+  resident after torch frees it (calibrated with scripts/bench_memory.py; see docs/memory.md).
+
+The step's tokens come from a `Workload`: rows x row length of the batch layout (padded,
+prefix-shared or packed; see qorpo.data.collate) and the scored tokens. Assumptions otherwise
+are qorpo's defaults: NF4 double-quant base, LoRA on every linear layer, non-reentrant gradient
+checkpointing, SDPA attention, the chunked loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from qorpo.config import DEFAULT_CHUNK_SIZE
+from qorpo.memory.shapes import MODELS, ModelShape
+
+GIB = 2**30
+
+# NF4 with double quantisation (bitsandbytes, blocksize 64): 4-bit codes, one 8-bit absmax per
+# 64 weights, one fp32 absmax per 256 of those (the QLoRA paper's 0.127 bits/param overhead).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+BYTES_16BIT = 2
+BYTES_FP32 = 4
+# LoRA weights and their gradients are fp32 (peft's autocast_adapter_dtype under 16-bit).
+LORA_PARAM_BYTES = BYTES_FP32
+LORA_GRAD_BYTES = BYTES_FP32
+# AdamW state per trainable parameter: two moments. bitsandbytes' 8-bit optimizers store each in
+# one byte plus an fp32 absmax per 256-value block; torch's AdamW stores two fp32 values.
+OPTIMIZER_STATE_BYTES = {
+    "paged_adamw_8bit": 2 * (1 + 4 / 256),
+    "adamw_8bit": 2 * (1 + 4 / 256),
+    "adamw_torch": 2 * BYTES_FP32,
+}
+# The chunked loss keeps about three (chunk, vocab) buffers alive at once: fp32 logits, the
+# fp32 log-softmax that becomes the probabilities in place, and the copy of the probabilities
+# for the hidden-state gradient matmul (rounded up to a third fp32 buffer).
+CHUNK_BUFFERS = 3
+# The naive path (TRL-style: full logits -> log_softmax -> gather) holds the logits in 16 bits,
+# their fp32 upcast and the fp32 log-softmax: 2 + 4 + 4 bytes per logit.
+NAIVE_LOGIT_BYTES = BYTES_16BIT + BYTES_FP32 + BYTES_FP32
+# CUDA, not in torch's allocated count: the context and cuBLAS workspaces (a few hundred MB,
+# depending on GPU and driver; 0.5 GiB is an allowance, not a measurement) and the caching
+# allocator's fragmentation and block rounding, as a share of allocated.
+CUDA_CONTEXT_BYTES = 0.5 * GIB
+FRAGMENTATION = 0.10
+# CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets and the tokenizer
+# loaded, before the model (measured: scripts/bench_memory.py, scripts/bench_merge.py).
+CPU_RUNTIME_BYTES = 0.62 * GIB
+# CPU: glibc keeps memory torch has freed resident (its dynamic mmap threshold, see
+# qorpo.sysmem), in proportion to the step's activation traffic: peak RSS above the live
+# tensors, per byte of activations (measured, scripts/bench_memory.py; 0 with
+# --low-cpu-memory, which pins the thresholds).
+CPU_ALLOCATOR_SLACK = 1.0
+
+
+class Workload(NamedTuple):
+    """The tokens of one micro-batch as the model runs them."""
+
+    rows: int  # R: 2 per pair (padded), 1 per pair (shared), fewer (packed)
+    length: int  # L: positions per row, padding included
+    scored: int  # N: tokens the loss projects to the vocabulary
+    mask: bool  # a 4-D (R, 1, L, L) attention mask is built (always, unless no padding)
+
+    @property
+    def tokens(self) -> int:
+        """Positions run through every layer (padding included: it is computed too)."""
+        return self.rows * self.length
+
+    @classmethod
+    def padded(cls, seq_len: int, pairs: int = 1) -> Workload:
+        """2·pairs rows of seq_len, every token scored: the docs table's upper bound."""
+        return cls(2 * pairs, seq_len, 2 * pairs * seq_len, mask=False)
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes per component. `total` is what the device must have; `naive_logits` is only for
+    comparison (what the full-logits loss would add instead of `loss_path`)."""
+
+    quantized_weights: float
+    unquantized_weights: float  # embedding (+ head), norms
+    lora_params: float
+    lora_grads: float
+    optimizer_states: float
+    checkpoints: float  # each decoder layer's input, kept by gradient checkpointing
+    layer_recompute: float  # one layer's working set during its backward (all layers without)
+    attention_mask: float  # the (R, 1, L, L) boolean mask
+    loss_path: float  # final hidden states, their gradients, chunked logits
+    allowance: float  # CUDA: context + fragmentation; CPU: runtime + allocator slack
+    naive_logits: float
+
+    @property
+    def allocated(self) -> float:
+        """What the live tensors reach (CUDA: near torch.cuda.max_memory_allocated)."""
+        return self.total - self.allowance
+
+    @property
+    def total(self) -> float:
+        return sum(v for k, v in self._asdict().items() if k != "naive_logits")
+
+    def gib(self) -> dict[str, float]:
+        out = {k: round(v / GIB, 3) for k, v in self._asdict().items()}
+        out["total"] = round(self.total / GIB, 3)
+        return out
+
+
+def _shape(model: ModelShape | str) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if model not in MODELS:
+        raise KeyError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    return MODELS[model]
+
+
+def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_r: int = 16,
+             chunk_size: int = DEFAULT_CHUNK_SIZE, optim: str | None = None,
+             device: str = "cuda", checkpointing: bool = True, low_cpu_memory: bool = False,
+             workload: Workload | None = None) -> MemoryEstimate:
+    """Peak memory of one training step: `workload`, or `pairs` pairs padded to `seq_len`."""
+    m = _shape(model)
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    work = workload or Workload.padded(seq_len, pairs)
+    if work.rows < 1 or work.length < 1 or lora_r < 1 or chunk_size < 1:
+        raise ValueError("seq_len, pairs, lora_r and chunk_size must be >= 1")
+    optim = optim or ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+    if optim not in OPTIMIZER_STATE_BYTES:
+        raise KeyError(f"unknown optimizer {optim!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}")
+    act = BYTES_16BIT if device == "cuda" else BYTES_FP32  # compute dtype
+    tokens, lora = work.tokens, m.lora_params(lora_r)
+    layer = tokens * m.layer_bytes_per_token(act)
+    # final (fp32-normed) hidden states of every position, the gathered scored rows and their
+    # gradient J (fp32), and the chunk buffers
+    loss = (tokens + 2 * work.scored) * m.hidden * BYTES_FP32
+    loss += min(chunk_size, max(work.scored, 1)) * m.vocab * BYTES_FP32 * CHUNK_BUFFERS
+    parts = dict(
+        quantized_weights=m.linear_params * NF4_BYTES_PER_PARAM,
+        unquantized_weights=m.embedding_params * act + m.norm_params * BYTES_FP32,
+        lora_params=lora * LORA_PARAM_BYTES,
+        lora_grads=lora * LORA_GRAD_BYTES,
+        optimizer_states=lora * OPTIMIZER_STATE_BYTES[optim],
+        checkpoints=m.layers * tokens * m.hidden * act if checkpointing else 0.0,
+        layer_recompute=layer if checkpointing else m.layers * layer,
+        attention_mask=work.rows * work.length**2 if work.mask else 0.0,
+        loss_path=loss,
+    )
+    allocated = sum(parts.values())
+    if device == "cuda":
+        allowance = CUDA_CONTEXT_BYTES + FRAGMENTATION * allocated
+    else:
+        activations = parts["checkpoints"] + parts["layer_recompute"] + parts["loss_path"]
+        slack = 0.0 if low_cpu_memory else CPU_ALLOCATOR_SLACK * activations
+        allowance = CPU_RUNTIME_BYTES + slack
+    naive = work.tokens * m.vocab * NAIVE_LOGIT_BYTES
+    return MemoryEstimate(**parts, allowance=allowance, naive_logits=naive)
