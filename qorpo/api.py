@@ -17,7 +17,13 @@ import qorpo.runs as runs
 from qorpo.config import TrainConfig
 from qorpo.demo import DEMO_PROMPTS
 from qorpo.errors import ConfigError, Terminated, terminate_as_interrupt
-from qorpo.progress import RichProgressCallback, start_table, summary_table
+from qorpo.memory.plan import peak_measured
+from qorpo.progress import (
+    RichProgressCallback,
+    estimate_table,
+    start_table,
+    summary_table,
+)
 from qorpo.sysmem import pin_malloc_thresholds
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
@@ -35,6 +41,7 @@ class TrainResult(NamedTuple):
     metrics: dict[str, float]  # final train metrics and (if any) eval metrics after training
     eval_before: dict[str, float]  # eval metrics before the first step (empty without eval set)
     generations: list[dict[str, str]]  # demo only: prompt, before, after
+    memory: Any = None  # qorpo.memory.plan.RunEstimate: the estimate for this run
 
 
 def resolve_config(config: TrainConfig | dict | str | Path | None = None,
@@ -103,6 +110,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         data = prepare_data(cfg, tokenizer, console=console)
     steps = planned_steps(cfg, len(data.train), procs.num_processes)
     console.print(start_table(cfg, device, dtype, data, steps, procs.num_processes))
+    memory = memory_estimate(cfg, data, device.type)
+    if dry_run or (memory.fits is False):
+        console.print(estimate_table(memory))
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
     if plan.resume_from is not None:
@@ -110,7 +120,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     if dry_run:
         console.print(f"[green]Dry run: {len(data.train)} pairs → {steps} optimizer steps. "
                       "No weights loaded.[/]")
-        return TrainResult(plan.out_dir, {"steps": float(steps)}, {}, [])
+        return TrainResult(plan.out_dir, {"steps": float(steps)}, {}, [], memory)
 
     # ---- build
     from transformers import set_seed
@@ -178,8 +188,34 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             for p, b in zip(prompts, gens_before, strict=True)]
     if procs.is_main_process:
         runs.finish(out_dir, fp, trainer.state.global_step)
+    measured = peak_measured(device.type)
+    if measured is not None:
+        metrics["peak_memory_gib"] = measured / 2**30
+        metrics["peak_memory_estimate_gib"] = (memory.peak.allocated if device.type == "cuda"
+                                               else memory.peak.total) / 2**30
     console.print(summary_table(out_dir, metrics, before, gens))
-    return TrainResult(out_dir, metrics, before, gens)
+    return TrainResult(out_dir, metrics, before, gens, memory)
+
+
+def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
+    """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
+    real token lengths, the layout; on a `--gpu-memory` card if given, else on this device."""
+    from qorpo.config import parse_memory_size
+    from qorpo.memory.plan import Capacity, detect_capacity, model_shape, pair_lengths, plan
+
+    if cfg.gpu_memory is not None:
+        device = "cuda"
+        capacity = Capacity("cuda", parse_memory_size(cfg.gpu_memory) * 0.94,
+                            f"--gpu-memory {cfg.gpu_memory} (94% usable)")
+    else:
+        capacity = detect_capacity(device)
+    return plan(model_shape(cfg.model, cfg.revision, cfg.trust_remote_code),
+                pair_lengths(data.train), device=device, batch_size=cfg.batch_size,
+                layout=cfg.layout, max_length=cfg.max_length,
+                max_prompt_length=cfg.resolved_max_prompt_length, lora_r=cfg.lora_r,
+                chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
+                low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
+                capacity=capacity)
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

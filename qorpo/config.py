@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class TrainConfig:
                             "otherwise.")
     low_cpu_memory: bool = _f(False, "Model", "CPU: return freed memory to the OS at once "
                               "(glibc); about half the peak RSS, about 1.4x slower.")
+    gpu_memory: str | None = _f(None, "Model", "Plan for a GPU of this size, e.g. 16GB (a "
+                                "Colab T4): the memory estimate says whether the run fits it. "
+                                "Default: the device qorpo runs on.")
     attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
                                          "flash_attention_2); transformers' choice if empty.")
     # --- LoRA ------------------------------------------------------------------------------
@@ -147,6 +151,11 @@ class TrainConfig:
                             "--max-prompt-length or raise --max-length")
         if self.min_response_tokens > self.max_length - 1:
             problems.append("min_response_tokens: must leave room for a prompt in max_length")
+        if self.gpu_memory is not None:
+            try:
+                parse_memory_size(self.gpu_memory)
+            except ValueError as exc:
+                problems.append(f"gpu_memory: {exc}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             problems.append("weight_decay and max_grad_norm: must be >= 0")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -234,6 +243,19 @@ class TrainConfig:
             cls.from_dict(values, source=str(path))  # report YAML problems under its name
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(values, source=str(yaml_path) if yaml_path else "options")
+
+
+_MEMORY_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*", re.IGNORECASE)
+
+
+def parse_memory_size(text: str) -> float:
+    """'16GB' / '15.5 GiB' / '24g' / '8000MB' -> bytes. GB is read as GiB: cards are sold that
+    way (a "16 GB" T4 has 16 GiB)."""
+    m = _MEMORY_SIZE.fullmatch(str(text))
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a memory size: write e.g. 16GB or 24GB")
+    unit = (m.group(2) or "gb").lower()
+    return float(m.group(1)) * (2**20 if unit.startswith("m") else 2**30)
 
 
 def _resolve(tp: Any) -> Any:

@@ -120,10 +120,36 @@ def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, fl
     for k in ("train_loss", "train_runtime"):
         if k in metrics:
             t.add_row(k, "—", f"{metrics[k]:.4f}")
+    if "peak_memory_gib" in metrics:  # before = the estimate, after = what it really took
+        t.add_row("peak memory GiB (estimate → measured)",
+                  f"{metrics['peak_memory_estimate_gib']:.2f}", f"{metrics['peak_memory_gib']:.2f}")
     for g in gens:
         t.add_row(f"[bold]prompt[/] {g['prompt']}", "", "")
         t.add_row("  before", "", g["before"])
         t.add_row("  after", "", g["after"])
     t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl → {out_dir}\n"
                  f"merge: qorpo merge {out_dir} --out {out_dir}-merged")
+    return t
+
+
+def estimate_table(est: Any, title: str = "memory estimate") -> Table:
+    """A qorpo.memory.plan.RunEstimate: components, total, the device and what to change."""
+    gib = 2**30
+    t = Table(title=f"{title} ({est.device}: "
+                    + ("peak RSS" if est.device == "cpu" else "GPU memory") + ")",
+              title_justify="left")
+    t.add_column("component")
+    t.add_column("GiB", justify="right")
+    for name, value in est.peak._asdict().items():
+        if name != "naive_logits" and value:
+            t.add_row(name.replace("_", " "), f"{value / gib:.2f}")
+    t.add_row("[bold]total[/] (longest pairs)", f"[bold]{est.peak.total / gib:.2f}[/]")
+    t.add_row("typical micro-batch (median pairs)", f"{est.typical.total / gib:.2f}")
+    if est.capacity is not None:
+        verdict = "[green]fits[/]" if est.fits else "[red]does not fit[/]"
+        t.add_row(f"{est.capacity.source}", f"{est.capacity.bytes / gib:.2f}")
+        t.add_row(verdict, f"headroom {est.headroom / gib:+.2f}")
+        for knob in est.knobs[:4]:
+            mark = "fits" if knob.fits else "still too big"
+            t.add_row(f"  try {knob.change}", f"{knob.total / gib:.2f} ({mark})")
     return t

@@ -31,7 +31,7 @@ CONFIG_FILE = "qorpo_config.yaml"
 NOT_IN_FINGERPRINT = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit",
                                 "report_to", "resume", "overwrite", "eval_steps",
                                 "prefix_sharing", "packing", "chunk_size",
-                                "gradient_checkpointing", "low_cpu_memory"})
+                                "gradient_checkpointing", "low_cpu_memory", "gpu_memory"})
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 

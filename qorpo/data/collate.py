@@ -127,7 +127,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit decreasing: pair indices per row, every row's total ≤ capacity. Longest first
     is what makes first-fit pack well; ties keep input order, so the result is deterministic."""
     rows: list[list[int]] = []
@@ -191,7 +191,7 @@ def build_batch(
             if max(shared_len) > capacity:
                 raise ValueError(f"a pair has {max(shared_len)} tokens (prompt + both responses), "
                                  f"more than max_row_tokens={capacity}")
-            row_pairs = _pack(shared_len, capacity)
+            row_pairs = pack_rows(shared_len, capacity)
         place: list[tuple[int, int]] = [(0, 0)] * b  # pair → (row, offset)
         used = []
         for r, members in enumerate(row_pairs):
