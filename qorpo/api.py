@@ -197,6 +197,17 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     return TrainResult(out_dir, metrics, before, gens, memory)
 
 
+def attention_cost(model: torch.nn.Module) -> float:
+    """Attention's cost per (query, key) relative to a token's linear layers, ~1 / (6 H)
+    (qorpo.data.collate.choose_capacity: how long packed rows may grow)."""
+    from qorpo.model import unwrap
+
+    cfg = unwrap(model).config
+    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
+                     "hidden_size", 576)
+    return 1 / (6 * int(hidden))
+
+
 def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
     """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
     real token lengths, the layout; on a `--gpu-memory` card if given, else on this device."""
@@ -318,7 +329,8 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
     trainer = ORPOTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=PairCollator(tokenizer.pad_token_id, layout=layout,
-                                   sft_on_prompt=cfg.sft_on_prompt),
+                                   sft_on_prompt=cfg.sft_on_prompt,
+                                   attention_cost=attention_cost(model)),
         processing_class=tokenizer, beta=cfg.beta, chunk_size=cfg.chunk_size,
         callbacks=[MetricsFileCallback(Path(cfg.output_dir) / runs.METRICS_FILE),
                    CheckpointCallback(fp)],

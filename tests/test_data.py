@@ -552,10 +552,11 @@ def test_collator_shapes_padding_masks():
     # one row per pair, the prompt once: 2 + 2 + 1 and 2 + 9 + 1 tokens
     shared = PairCollator(0, layout="shared").batch(feats)
     assert shared.input_ids.shape == (2, 16) and shared.unique_tokens == 5 + 12
+    # packed: one row of 5 + 12 tokens costs less than two rows of 12 (7 of them padding)
     packed = PairCollator(0, layout="packed", pad_to_multiple_of=1).batch(feats)
-    assert packed.input_ids.shape == (2, 12) and packed.pad_tokens == 7  # 12 can't take 5 more
-    assert PairCollator(0, layout="packed", pad_to_multiple_of=1,
-                        max_row_tokens=17).batch(feats).input_ids.shape == (1, 17)
+    assert packed.input_ids.shape == (1, 17) and packed.pad_tokens == 0
+    capped = PairCollator(0, layout="packed", pad_to_multiple_of=1, max_row_tokens=12)
+    assert capped.batch(feats).input_ids.shape == (2, 12)  # 12 can't take 5 more
     with pytest.raises(ValueError, match="do not share the prompt"):
         PairCollator(0)([{**feats[0], "rejected_response_start": 1}])
 

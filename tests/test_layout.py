@@ -402,3 +402,17 @@ def test_probe_catches_models_that_ignore_masks_or_positions(drop):
     model = _DropsMask(_tiny(LlamaConfig), drop)
     got = supports_layout(model, "shared")
     assert not got.ok and "differ from padded" in got.reason, got.reason
+
+
+def test_packing_capacity_weighs_padding_against_attention():
+    from qorpo.data.collate import choose_capacity, pack_rows
+
+    # 920 + 470 and 768 + 500 fit rows of 1,392: 2 rows instead of 4 rows of 920 (38% padding)
+    lengths = [920, 768, 500, 470]
+    cap = choose_capacity(lengths, 8, attention_cost=1 / (6 * 576))
+    rows = pack_rows(lengths, cap)
+    assert len(rows) == 2 and max(sum(lengths[i] for i in r) for r in rows) <= cap
+    # attention that costs much more than the linear layers: keep rows short
+    assert choose_capacity(lengths, 8, attention_cost=1.0) == 920
+    # never longer than twice the longest pair
+    assert choose_capacity([100] * 10, 8, attention_cost=0.0) == 200

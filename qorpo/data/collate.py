@@ -144,6 +144,31 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+# How much one position of a row costs, relative to its linear layers, per position of the row
+# it attends over: attention is ~4·H FLOPs per (query, key) per layer, the linear layers ~2·P
+# per token (P = parameters per layer, ~12·H² for a Llama block), so 4H / 2P ≈ 1 / (6 H). A
+# custom mask stops kernels from skipping masked blocks, so a row of length L costs about
+# L · (1 + L · ATTENTION_COST) — what `choose_capacity` minimises. 1/(6·576) for SmolLM2-135M;
+# a bigger model's is smaller (longer rows pay off more); the collator gets it from the model.
+DEFAULT_ATTENTION_COST = 1 / (6 * 576)
+
+
+def choose_capacity(lengths: list[int], multiple: int = 8,
+                    attention_cost: float = DEFAULT_ATTENTION_COST) -> int:
+    """The row capacity that lays `lengths` out cheapest: rows x L (padding included, every
+    row is L long) times the attention term, over capacities from the longest pair to twice
+    it (longer rows cost more in attention than the padding they save)."""
+    longest = max(lengths)
+    best, best_cost = longest, float("inf")
+    for cap in sorted({min(2 * longest, longest + n) for n in [0, *lengths]}):
+        rows = pack_rows(lengths, cap)
+        length = _round_up(max(sum(lengths[i] for i in r) for r in rows), multiple)
+        cost = len(rows) * length * (1 + length * attention_cost)
+        if cost < best_cost:
+            best, best_cost = cap, cost
+    return best
+
+
 def build_batch(
     pairs: Sequence[Pair],
     layout: Layout = "padded",
@@ -152,11 +177,13 @@ def build_batch(
     sft_on_prompt: bool = False,
     max_row_tokens: int | None = None,
     pad_to_multiple_of: int = 1,
+    attention_cost: float = DEFAULT_ATTENTION_COST,
 ) -> Batch:
     """Lay B pairs out as `layout` and describe what to score.
 
-    max_row_tokens: packed only, the row capacity; default the longest pair's P+C+R (then
-    packing never makes a row longer than `shared` would). A pair longer than it is an error.
+    max_row_tokens: packed only, the row capacity; default: `choose_capacity` (between the
+    longest pair's P+C+R and twice it, whichever lays the pairs out cheapest for a model whose
+    `attention_cost` is given). A pair longer than it is an error.
     pad_to_multiple_of: L is rounded up to it (qorpo's collator uses 8).
     Scoring is `qorpo.loss.pair_logps`'s: every response token of both sides; with
     `sft_on_prompt` also the chosen sequence's prompt tokens after the first (NLL only).
@@ -187,7 +214,8 @@ def build_batch(
         if layout == "shared":
             row_pairs = [[i] for i in range(b)]
         else:
-            capacity = max(shared_len) if max_row_tokens is None else int(max_row_tokens)
+            capacity = (choose_capacity(shared_len, multiple, attention_cost)
+                        if max_row_tokens is None else int(max_row_tokens))
             if max(shared_len) > capacity:
                 raise ValueError(f"a pair has {max(shared_len)} tokens (prompt + both responses), "
                                  f"more than max_row_tokens={capacity}")
@@ -286,17 +314,18 @@ class PairCollator:
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, *,
                  layout: Layout = "padded", sft_on_prompt: bool = False,
-                 max_row_tokens: int | None = None) -> None:
+                 max_row_tokens: int | None = None,
+                 attention_cost: float = DEFAULT_ATTENTION_COST) -> None:
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)  # masked anyway
         self.multiple = max(1, pad_to_multiple_of)  # fewer distinct shapes; tensor cores
         self.layout, self.sft_on_prompt = layout, sft_on_prompt
-        self.max_row_tokens = max_row_tokens
+        self.max_row_tokens, self.attention_cost = max_row_tokens, attention_cost
 
     def batch(self, features: Sequence[Mapping[str, Any]]) -> Batch:
         return build_batch(pairs_from_features(features), self.layout,
                            pad_token_id=self.pad_token_id, sft_on_prompt=self.sft_on_prompt,
                            max_row_tokens=self.max_row_tokens,
-                           pad_to_multiple_of=self.multiple)
+                           pad_to_multiple_of=self.multiple, attention_cost=self.attention_cost)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out = self.batch(features).to_dict()
