@@ -52,7 +52,7 @@ CUDA_CONTEXT_BYTES = 0.5 * GIB
 FRAGMENTATION = 0.10
 # CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets and the tokenizer
 # loaded, before the model (measured: scripts/bench_memory.py, scripts/bench_merge.py).
-CPU_RUNTIME_BYTES = 0.62 * GIB
+CPU_RUNTIME_BYTES = 585 * 2**20  # 580-597 MiB in every measured run
 # CPU: glibc keeps memory torch has freed resident (its dynamic mmap threshold, see
 # qorpo.sysmem), in proportion to the step's activation traffic: peak RSS above the live
 # tensors, per byte of activations (measured, scripts/bench_memory.py; 0 with
@@ -121,7 +121,7 @@ def _shape(model: ModelShape | str) -> ModelShape:
 def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_r: int = 16,
              chunk_size: int = DEFAULT_CHUNK_SIZE, optim: str | None = None,
              device: str = "cuda", checkpointing: bool = True, low_cpu_memory: bool = False,
-             workload: Workload | None = None) -> MemoryEstimate:
+             lora_dropout: bool = True, workload: Workload | None = None) -> MemoryEstimate:
     """Peak memory of one training step: `workload`, or `pairs` pairs padded to `seq_len`."""
     m = _shape(model)
     if device not in ("cuda", "cpu"):
@@ -132,7 +132,10 @@ def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_
     optim = optim or ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
     if optim not in OPTIMIZER_STATE_BYTES:
         raise KeyError(f"unknown optimizer {optim!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}")
-    act = BYTES_16BIT if device == "cuda" else BYTES_FP32  # compute dtype
+    if device == "cpu":
+        return _cpu(m, work, lora_r, chunk_size, optim, checkpointing, low_cpu_memory,
+                    lora_dropout)
+    act = BYTES_16BIT
     tokens, lora = work.tokens, m.lora_params(lora_r)
     layer = tokens * m.layer_bytes_per_token(act)
     # final (fp32-normed) hidden states of every position, the gathered scored rows and their
@@ -150,12 +153,68 @@ def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_
         attention_mask=work.rows * work.length**2 if work.mask else 0.0,
         loss_path=loss,
     )
-    allocated = sum(parts.values())
-    if device == "cuda":
-        allowance = CUDA_CONTEXT_BYTES + FRAGMENTATION * allocated
+    allowance = CUDA_CONTEXT_BYTES + FRAGMENTATION * sum(parts.values())
+    return MemoryEstimate(**parts, allowance=allowance,
+                          naive_logits=work.tokens * m.vocab * NAIVE_LOGIT_BYTES)
+
+
+def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool = True) -> int:
+    """Bytes autograd keeps per token for one decoder layer in fp32 (counted with
+    saved_tensors_hooks on SmolLM2-135M and a 360M-shape Llama, then checked end to end against
+    the step-peak slopes: 69,563 vs 69,612 and 115,522 vs 115,716 bytes/token/layer).
+
+    8 H-wide tensors (the layer input, norm intermediates, six dropout masks), 4 I-wide (gate,
+    up, SiLU(gate), the down projection's dropout mask), 6 H + 1 I dropout outputs (the LoRA A
+    inputs), q, k, v and the attention output (4 H), the LoRA A outputs (7 r), the attention
+    log-sum-exp (heads), two rsqrt; with a mask (always, in qorpo's layouts) K/V repeated to
+    every head and the float mask SDPA makes from the boolean one (4 L per token). Without
+    LoRA dropout peft feeds the layer input itself to lora_A: no masks, no dropout outputs.
+    """
+    h, i, kv = m.hidden, m.intermediate, m.kv_dim
+    masked = 8 * (h - kv) + 4 * length
+    if lora_dropout:
+        return 4 * (16 * h + 2 * kv + 5 * i + 7 * lora_r + m.heads + 2) + masked
+    return 4 * (6 * h + 2 * kv + 4 * i + 7 * lora_r + m.heads + 2) + masked
+
+
+def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str,
+         checkpointing: bool, low_cpu_memory: bool, lora_dropout: bool) -> MemoryEstimate:
+    """Peak RSS on the CPU (fp32): the largest of loading the model and a training step."""
+    n, lora = work.tokens, m.lora_params(lora_r)
+    dense = BYTES_FP32 * (m.embedding_params + m.norm_params)
+    per_layer = cpu_layer_bytes(m, work.length, lora_r, lora_dropout)
+    # gradients in flight at the backward's peak, per token: the gate/up gradients and the
+    # residual stream's (measured: the step-peak slope minus the saved sets, within 5.6%)
+    temps = BYTES_FP32 * (2 * m.intermediate + m.hidden)
+    scored = max(work.scored, 1)
+    loss_forward = (2 * BYTES_FP32 * min(chunk_size, scored) * m.vocab
+                    + 3 * BYTES_FP32 * m.hidden * scored)
+    if checkpointing:
+        ckpt = BYTES_FP32 * m.hidden * m.layers * n
+        backward = n * (per_layer + temps)
+        forward = 2 * BYTES_FP32 * m.hidden * n + loss_forward
     else:
-        activations = parts["checkpoints"] + parts["layer_recompute"] + parts["loss_path"]
-        slack = 0.0 if low_cpu_memory else CPU_ALLOCATOR_SLACK * activations
-        allowance = CPU_RUNTIME_BYTES + slack
-    naive = work.tokens * m.vocab * NAIVE_LOGIT_BYTES
-    return MemoryEstimate(**parts, allowance=allowance, naive_logits=naive)
+        ckpt = 0.0
+        backward = n * (m.layers * per_layer + temps)
+        forward = n * m.layers * per_layer + loss_forward
+    parts = dict(
+        quantized_weights=m.linear_params * NF4_BYTES_PER_PARAM,
+        unquantized_weights=dense,
+        lora_params=lora * LORA_PARAM_BYTES,
+        lora_grads=lora * LORA_GRAD_BYTES,
+        optimizer_states=lora * OPTIMIZER_STATE_BYTES[optim],
+        checkpoints=ckpt,
+        layer_recompute=backward,
+        attention_mask=work.rows * work.length**2 if work.mask else 0.0,
+        # the forward's loss buffers outlast the backward's peak only for tiny batches
+        loss_path=max(0.0, forward - backward),
+    )
+    step = sum(parts.values())
+    # Loading: the fp32 linear weights are read (and quantised) one by one while the dense
+    # weights are copied out of the checkpoint's mapping (qorpo.sysmem.release_file_mappings).
+    load = BYTES_FP32 * m.linear_params + parts["quantized_weights"] + 2 * dense
+    slack = 0.0 if low_cpu_memory else CPU_ALLOCATOR_SLACK * (ckpt + backward + parts[
+        "loss_path"])
+    allowance = CPU_RUNTIME_BYTES + max(0.0, load - step) + slack
+    return MemoryEstimate(**parts, allowance=allowance,
+                          naive_logits=n * m.vocab * NAIVE_LOGIT_BYTES)
