@@ -226,7 +226,7 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
                 max_prompt_length=cfg.resolved_max_prompt_length, lora_r=cfg.lora_r,
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
-                capacity=capacity)
+                lora_dropout=cfg.lora_dropout > 0, capacity=capacity)
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

@@ -57,6 +57,25 @@ def test_layouts_need_less_as_the_prompt_is_shared():
         assert t["packed"] <= t["shared"] < t["padded"]
 
 
+@pytest.mark.parametrize("layout", ["padded", "shared", "packed"])
+def test_workload_is_the_batch_the_collator_builds(layout):
+    """The estimate's rows x length are those of the real micro-batch (packed rows as long as
+    the collator's cost model makes them for this model width), for random pair lengths."""
+    import random
+
+    from qorpo.data.collate import build_batch
+
+    rng = random.Random(7)
+    for trial in range(40):
+        pairs = [(rng.randint(1, 300), rng.randint(1, 400), rng.randint(1, 400))
+                 for _ in range(rng.randint(1, 9))]
+        hidden = rng.choice([64, 576, 4096])
+        batch = build_batch([([1] * p, [2] * c, [3] * r) for p, c, r in pairs], layout,
+                            pad_to_multiple_of=8, attention_cost=1 / (6 * hidden))
+        work = workload(pairs, layout, hidden=hidden)
+        assert (work.rows, work.length) == tuple(batch.input_ids.shape), (trial, pairs)
+
+
 def test_plan_says_what_to_turn_when_it_does_not_fit():
     t4 = Capacity("cuda", 16 * GIB * 0.94, "T4")
     big = plan(MODELS["Llama-3.1-8B"], assumed_lengths(4096) * 8, device="cuda", batch_size=8,

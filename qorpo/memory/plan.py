@@ -60,10 +60,12 @@ def _round(n: int) -> int:
     return -(-n // ROUND_TO) * ROUND_TO
 
 
-def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = False) -> Workload:
+def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = False,
+             hidden: int | None = None) -> Workload:
     """The micro-batch these pairs make in `layout` (rows x length as qorpo.data.collate
-    builds them; the mask is a 4-D (R, 1, L, L) boolean tensor unless nothing is padded)."""
-    from qorpo.data.collate import pack_rows
+    builds them, packed rows as long as its choose_capacity makes them for a model of width
+    `hidden`; the mask is a 4-D (R, 1, L, L) boolean tensor unless nothing is padded)."""
+    from qorpo.data.collate import DEFAULT_ATTENTION_COST, choose_capacity, pack_rows
 
     scored = sum(c + r + (p - 1 if sft_on_prompt else 0) for p, c, r in pairs)
     if layout == "padded":
@@ -74,7 +76,8 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
         if layout == "shared":
             rows, length = len(shared), _round(max(shared))
         else:
-            packed = pack_rows(shared, max(shared))
+            cost = 1 / (6 * hidden) if hidden else DEFAULT_ATTENTION_COST
+            packed = pack_rows(shared, choose_capacity(shared, ROUND_TO, cost))
             rows, length = len(packed), _round(max(sum(shared[i] for i in r) for r in packed))
     padded = layout == "padded" and rows * length == sum(used)
     return Workload(rows, length, scored, mask=not padded)
@@ -128,23 +131,27 @@ def detect_capacity(device: str) -> Capacity | None:
 def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_size: int,
          layout: str, max_length: int, max_prompt_length: int, lora_r: int = 16,
          chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool = False,
-         sft_on_prompt: bool = False, capacity: Capacity | None = None) -> RunEstimate:
+         sft_on_prompt: bool = False, lora_dropout: bool = True,
+         capacity: Capacity | None = None) -> RunEstimate:
     """The run's estimate on `device`, and — when `capacity` is known and it does not fit —
     what each knob would give, cheapest first."""
 
     def est(lens: Sequence[Lengths], **over: Any) -> MemoryEstimate:
-        kw = dict(lora_r=lora_r, chunk_size=chunk_size, device=device,
+        kw = dict(lora_r=lora_r, chunk_size=chunk_size, device=device, lora_dropout=lora_dropout,
                   checkpointing=checkpointing, low_cpu_memory=low_cpu_memory)
         kw |= {k: v for k, v in over.items() if k != "batch_size" and k != "layout"}
         peak_pairs, _ = batches(lens, over.get("batch_size", batch_size))
-        work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt)
+        work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt,
+                        hidden=shape.hidden)
         return estimate(shape, workload=work, **kw)
 
     peak = est(lengths)
     _, median = batches(lengths, batch_size)
-    typical = estimate(shape, workload=workload(median, layout, sft_on_prompt=sft_on_prompt),
+    typical = estimate(shape, workload=workload(median, layout, sft_on_prompt=sft_on_prompt,
+                                                hidden=shape.hidden),
                        lora_r=lora_r, chunk_size=chunk_size, device=device,
-                       checkpointing=checkpointing, low_cpu_memory=low_cpu_memory)
+                       lora_dropout=lora_dropout, checkpointing=checkpointing,
+                       low_cpu_memory=low_cpu_memory)
     knobs: list[Knob] = []
     if capacity is not None and peak.total > capacity.bytes:
         tries: list[tuple[str, MemoryEstimate]] = []
@@ -175,7 +182,7 @@ def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed
 
     def fits(max_length: int, batch: int) -> bool:
         lens = assumed_lengths(max_length) * batch
-        work = workload(lens, layout)
+        work = workload(lens, layout, hidden=shape.hidden)
         return estimate(shape, workload=work, device=capacity.device,
                         **kwargs).total <= capacity.bytes
 
