@@ -103,6 +103,38 @@ def test_1_foreign_folder_is_refused(work):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+# ----------------------------------------------------------------------------- 12. found early
+@pytest.mark.parametrize("resume", ["latest", "no-such-checkpoint"])
+def test_12_resume_problems_are_found_before_the_model_loads(work, monkeypatch, resume):
+    root, model, data, _ = work
+    out = root / f"fresh-{resume}"
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the resume point was checked")
+
+    monkeypatch.setattr("qorpo.model.load_base_model", loaded)
+    target = resume if resume == "latest" else str(root / resume)
+    with pytest.raises(RunError, match="no run to resume|checkpoint"):
+        train(**quick(model, data, out, resume=target))
+    assert not (out / "qorpo_config.yaml").exists() and not (out / RUN_FILE).exists()
+
+
+def test_12_a_run_that_fails_leaves_no_config_in_a_new_folder(work, monkeypatch):
+    root, model, data, _ = work
+    out = root / "fails-at-load"
+
+    def broken(*args, **kwargs):
+        raise ModelError("weights could not be read")
+
+    monkeypatch.setattr("qorpo.model.load_base_model", broken)
+    with pytest.raises(ModelError):
+        train(**quick(model, data, out))
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    monkeypatch.undo()
+    train(**quick(model, data, out, max_steps=1))  # the same command works once fixed
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- 2. checkpoints
 def test_2_latest_means_the_newest_complete_checkpoint(work, monkeypatch):
     root, model, data, _ = work
