@@ -16,6 +16,7 @@ memory varies from run to run (see docs/memory.md).
     python scripts/bench_memory.py                 # CPU: 2 models x 4 lengths x 1/2 pairs
     python scripts/bench_memory.py --quick         # 2 rows
     python scripts/bench_memory.py --malloc default
+    python scripts/bench_memory.py --models llama-360m-shape --lengths 1024,2048
     python scripts/bench_memory.py --device cuda   # the rows a GPU run must fill (8B shape)
 
 Models: `smollm2-135m` (the offline demo model, SmolLM2-135M-Instruct) and random-init Llama
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", help="only these models (comma separated)")
+    parser.add_argument("--lengths", help="only these max_lengths (comma separated)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qorpo" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,6 +131,10 @@ def main() -> None:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return
     rows = CUDA_ROWS if args.device == "cuda" else (QUICK_ROWS if args.quick else CPU_ROWS)
+    if args.models:
+        rows = [r for r in rows if r[0] in args.models.split(",")]
+    if args.lengths:
+        rows = [r for r in rows if str(r[1]) in args.lengths.split(",")]
     records = []
     with tempfile.TemporaryDirectory(prefix="qorpo-bench-memory-") as tmp:
         for name, length, pairs in rows:

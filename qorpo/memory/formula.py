@@ -210,9 +210,11 @@ def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str
         loss_path=max(0.0, forward - backward),
     )
     step = sum(parts.values())
-    # Loading: the fp32 linear weights are read (and quantised) one by one while the dense
-    # weights are copied out of the checkpoint's mapping (qorpo.sysmem.release_file_mappings).
-    load = BYTES_FP32 * m.linear_params + parts["quantized_weights"] + 2 * dense
+    # Loading: the linear weights are read from the checkpoint's memory mapping (its pages
+    # count in RSS, in the checkpoint's dtype) and quantised one by one; the dense weights are
+    # copied out of the mapping into fp32 (qorpo.sysmem.release_file_mappings then drops it).
+    mapped = m.checkpoint_bytes * (m.linear_params + m.embedding_params + m.norm_params)
+    load = mapped + parts["quantized_weights"] + dense
     slack = 0.0 if low_cpu_memory else CPU_ALLOCATOR_SLACK * (ckpt + backward + parts[
         "loss_path"])
     allowance = CPU_RUNTIME_BYTES + max(0.0, load - step) + slack

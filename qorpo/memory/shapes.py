@@ -18,6 +18,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     tied: bool  # input embedding and output head share one matrix
+    checkpoint_bytes: int = 2  # bytes per weight in the checkpoint files (bf16/fp16: 2, fp32: 4)
 
     @property
     def head_dim(self) -> int:
@@ -99,4 +100,13 @@ def shape_from_config(config: Any, name: str = "") -> ModelShape:
         intermediate=int(cfg.intermediate_size), vocab=int(cfg.vocab_size), heads=heads,
         kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+        checkpoint_bytes=_checkpoint_bytes(config),
     )
+
+
+def _checkpoint_bytes(config: Any) -> int:
+    """Bytes per weight as the checkpoint stores them, from config.json's dtype (absent: 2,
+    what nearly every hub checkpoint uses)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
+    return {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}.get(name, 2)
