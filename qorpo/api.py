@@ -125,9 +125,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- build
     from transformers import set_seed
 
+    from qorpo.attention import use_pair_attention
     from qorpo.data.collate import pairs_from_features
     from qorpo.forward import parity_check, supports_layout
-    from qorpo.model import add_lora, load_base_model
+    from qorpo.model import add_lora, load_base_model, unwrap
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
@@ -140,6 +141,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                           f"{support.reason}; using the padded layout")
             layout = "padded"
+        elif device.type == "cpu":  # per-pair attention kernels (qorpo.attention); the parity
+            use_pair_attention(unwrap(model))  # check below compares them with padded rows
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
@@ -200,9 +203,12 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
 def attention_cost(model: torch.nn.Module) -> float:
     """Attention's cost per (query, key) relative to a token's linear layers, ~1 / (6 H)
     (qorpo.data.collate.choose_capacity: how long packed rows may grow)."""
+    from qorpo.attention import NAME as PAIR_ATTENTION
     from qorpo.model import unwrap
 
     cfg = unwrap(model).config
+    if getattr(cfg, "_attn_implementation", None) == PAIR_ATTENTION:
+        return 0.0  # per-pair kernels: pairs sharing a row never pay for each other
     hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
                      "hidden_size", 576)
     return 1 / (6 * int(hidden))
@@ -226,7 +232,9 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
                 max_prompt_length=cfg.resolved_max_prompt_length, lora_r=cfg.lora_r,
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
-                lora_dropout=cfg.lora_dropout > 0, capacity=capacity)
+                lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
+                pair_attention=(device == "cpu" and cfg.layout != "padded"
+                                and cfg.attn_implementation in (None, "sdpa")))
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

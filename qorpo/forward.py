@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from qorpo.attention import NAME as PAIR_ATTENTION
+from qorpo.attention import pair_spans
 from qorpo.data.collate import CHOSEN, LAYOUTS, REJECTED, Batch, Layout, Pair, build_batch
 from qorpo.errors import ModelError
 from qorpo.loss import chunked_token_logps
@@ -63,7 +65,7 @@ def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor:
     if batch.layout == "padded":
         return batch.attention_mask()
     impl = attn_implementation(model)
-    if impl == "sdpa":
+    if impl in ("sdpa", PAIR_ATTENTION):
         return batch.dense_mask()
     if impl == "eager":
         emb = unwrap(model).get_input_embeddings()
@@ -77,8 +79,11 @@ def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor:
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     """(R, L, H) final (post-norm) hidden states of a laid-out batch (on the model's device),
     through every wrapper's own forward (qorpo.model.final_hidden_states)."""
+    extra = {}
+    if batch.layout != "padded" and attn_implementation(model) == PAIR_ATTENTION:
+        extra["qorpo_spans"] = pair_spans(batch)  # see qorpo.attention
     return final_hidden_states(model, batch.input_ids, model_attention_mask(model, batch),
-                               batch.position_ids)
+                               batch.position_ids, **extra)
 
 
 def flex_block_mask(batch: Batch) -> Any:
@@ -168,7 +173,7 @@ def supports_layout(
     if impl == "flex_attention":
         return LayoutSupport(False, "flex_attention: needs a BlockMask (flex_block_mask), not "
                              "wired in yet (use sdpa)")
-    if impl not in ("sdpa", "eager"):
+    if impl not in ("sdpa", "eager", PAIR_ATTENTION):
         return LayoutSupport(False, f"attention implementation {impl!r} is not known to take "
                              "a custom 4-D mask (use sdpa)")
     window, why = _sliding_window(cfg)

@@ -213,7 +213,8 @@ def output_head(model: nn.Module) -> OutputHead:
 
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor,
-                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        position_ids: torch.Tensor | None = None,
+                        **kwargs: Any) -> torch.Tensor:
     """(rows, T, H) final (post-norm) hidden states, through every wrapper's own forward.
 
     Going through `model(...)` keeps DDP/FSDP/peft hooks intact. `logits_to_keep=1` makes the
@@ -222,7 +223,7 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     no extra memory under gradient checkpointing: they are the tensors it keeps anyway.
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+                output_hidden_states=True, logits_to_keep=1, use_cache=False, **kwargs)
     return out.hidden_states[-1]
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qorpo.attention import NAME as PAIRS
+from qorpo.attention import pair_attention, pair_spans, use_pair_attention
 from qorpo.data.collate import (
     CHOSEN,
     PAD,
@@ -74,12 +76,15 @@ def lora_model(arch: str, attn: str, *, quant: bool = False, ckpt: bool = False)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"attn_implementation": attn, "dtype": torch.float32}
+    kwargs: dict = {"attn_implementation": "sdpa" if attn == PAIRS else attn,
+                    "dtype": torch.float32}
     if quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(str(_saved_model(arch)), **kwargs)
+    if attn == PAIRS:
+        assert use_pair_attention(model)
     keep_4bit_differentiable(model)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,7 +162,7 @@ def assert_all_equal(results: dict, ref: dict) -> None:
 
 # ----------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PAIRS])
 @pytest.mark.parametrize("sft_on_prompt", [False, True])
 def test_layouts_match_naive_reference(arch, attn, sft_on_prompt):
     torch.manual_seed(0)
@@ -172,8 +177,9 @@ def test_layouts_match_naive_reference(arch, attn, sft_on_prompt):
     assert packed.unique_tokens == shared.unique_tokens == results["padded"][0].unique_tokens
 
 
-def test_gradient_checkpointing_non_reentrant():
-    model = lora_model("llama", "sdpa", ckpt=True)
+@pytest.mark.parametrize("attn", ["sdpa", PAIRS])
+def test_gradient_checkpointing_non_reentrant(attn):
+    model = lora_model("llama", attn, ckpt=True)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     pairs = random_pairs(seed=5)
     ref = naive_reference(model, pairs, sft_on_prompt=True)
@@ -181,9 +187,10 @@ def test_gradient_checkpointing_non_reentrant():
     assert_all_equal(results, ref)
 
 
-def test_4bit_base_with_lora():
+@pytest.mark.parametrize("attn", ["sdpa", PAIRS])
+def test_4bit_base_with_lora(attn):
     pytest.importorskip("bitsandbytes")
-    model = lora_model("llama", "sdpa", quant=True)
+    model = lora_model("llama", attn, quant=True)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     # the probe runs an eval-mode no-grad pass: after it, the LoRA gradients must still flow
     assert supports_layout(model, "packed").ok
@@ -192,6 +199,38 @@ def test_4bit_base_with_lora():
     results = {lay: run_layout(model, pairs, lay, False) for lay in LAYOUTS}
     assert_all_equal(results, ref)
     assert all(g.abs().sum() > 0 for g in ref["grads"].values())
+
+
+def test_pair_attention_gets_the_spans_through_checkpointing(monkeypatch):
+    """The spans reach the attention function in the forward and in the backward's
+    recomputation (else it would silently fall back to the masked kernel)."""
+    from transformers import AttentionInterface
+
+    calls = {"spans": 0, "none": 0}
+
+    def spy(*args, **kwargs):
+        calls["spans" if kwargs.get("qorpo_spans") is not None else "none"] += 1
+        return pair_attention(*args, **kwargs)
+
+    model = lora_model("llama", PAIRS, ckpt=True)
+    monkeypatch.setitem(AttentionInterface._global_mapping, PAIRS, spy)
+    run_layout(model, random_pairs(seed=3), "packed", False)
+    assert calls == {"spans": 2 * 2, "none": 0}  # 2 layers: forward + recomputation
+    run_layout(model, random_pairs(seed=3), "padded", False)
+    assert calls["none"] == 2 * 2  # padded rows: plain sdpa with the model's own mask
+
+
+def test_pair_spans_describe_the_layout():
+    pairs = random_pairs(seed=11, n=7)
+    for layout in ("shared", "packed"):
+        batch = build_batch(pairs, layout, max_row_tokens=60, pad_to_multiple_of=8)
+        spans = pair_spans(batch)
+        assert sorted((s.prompt, s.chosen, s.rejected) for s in spans) == sorted(
+            (len(p), len(c), len(r)) for p, c, r in pairs)
+        for s in spans:
+            parts = batch.part[s.row, s.start:s.start + s.prompt + s.chosen + s.rejected]
+            want = [0] * s.prompt + [1] * s.chosen + [2] * s.rejected  # PROMPT, CHOSEN, REJECTED
+            assert parts.tolist() == want
 
 
 def padded_rows(features: list[dict], pad: int, multiple: int) -> dict[str, torch.Tensor]:

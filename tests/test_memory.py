@@ -70,9 +70,11 @@ def test_workload_is_the_batch_the_collator_builds(layout):
         pairs = [(rng.randint(1, 300), rng.randint(1, 400), rng.randint(1, 400))
                  for _ in range(rng.randint(1, 9))]
         hidden = rng.choice([64, 576, 4096])
+        pair_attention = trial % 2 == 1  # qorpo.attention: the collator's attention cost is 0
         batch = build_batch([([1] * p, [2] * c, [3] * r) for p, c, r in pairs], layout,
-                            pad_to_multiple_of=8, attention_cost=1 / (6 * hidden))
-        work = workload(pairs, layout, hidden=hidden)
+                            pad_to_multiple_of=8,
+                            attention_cost=0.0 if pair_attention else 1 / (6 * hidden))
+        work = workload(pairs, layout, hidden=hidden, pair_attention=pair_attention)
         assert (work.rows, work.length) == tuple(batch.input_ids.shape), (trial, pairs)
 
 

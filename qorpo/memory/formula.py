@@ -67,6 +67,7 @@ class Workload(NamedTuple):
     length: int  # L: positions per row, padding included
     scored: int  # N: tokens the loss projects to the vocabulary
     mask: bool  # a 4-D (R, 1, L, L) attention mask is built (always, unless no padding)
+    pair_attention: bool = False  # qorpo.attention's per-pair kernels (CPU): no float mask
 
     @property
     def tokens(self) -> int:
@@ -158,7 +159,8 @@ def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_
                           naive_logits=work.tokens * m.vocab * NAIVE_LOGIT_BYTES)
 
 
-def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool = True) -> int:
+def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool = True,
+                    pair_attention: bool = False) -> int:
     """Bytes autograd keeps per token for one decoder layer in fp32 (counted with
     saved_tensors_hooks on SmolLM2-135M and a 360M-shape Llama, then checked end to end against
     the step-peak slopes: 69,563 vs 69,612 and 115,522 vs 115,716 bytes/token/layer).
@@ -167,11 +169,12 @@ def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool 
     up, SiLU(gate), the down projection's dropout mask), 6 H + 1 I dropout outputs (the LoRA A
     inputs), q, k, v and the attention output (4 H), the LoRA A outputs (7 r), the attention
     log-sum-exp (heads), two rsqrt; with a mask (always, in qorpo's layouts) K/V repeated to
-    every head and the float mask SDPA makes from the boolean one (4 L per token). Without
+    every head and the float mask SDPA makes from the boolean one (4 L per token; not with
+    qorpo.attention's per-pair kernels, whose masks are (R, P + R) per pair). Without
     LoRA dropout peft feeds the layer input itself to lora_A: no masks, no dropout outputs.
     """
     h, i, kv = m.hidden, m.intermediate, m.kv_dim
-    masked = 8 * (h - kv) + 4 * length
+    masked = 8 * (h - kv) + (0 if pair_attention else 4 * length)
     if lora_dropout:
         return 4 * (16 * h + 2 * kv + 5 * i + 7 * lora_r + m.heads + 2) + masked
     return 4 * (6 * h + 2 * kv + 4 * i + 7 * lora_r + m.heads + 2) + masked
@@ -182,7 +185,7 @@ def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str
     """Peak RSS on the CPU (fp32): the largest of loading the model and a training step."""
     n, lora = work.tokens, m.lora_params(lora_r)
     dense = BYTES_FP32 * (m.embedding_params + m.norm_params)
-    per_layer = cpu_layer_bytes(m, work.length, lora_r, lora_dropout)
+    per_layer = cpu_layer_bytes(m, work.length, lora_r, lora_dropout, work.pair_attention)
     # gradients in flight at the backward's peak, per token: the gate/up gradients and the
     # residual stream's (measured: the step-peak slope minus the saved sets, within 5.6%)
     temps = BYTES_FP32 * (2 * m.intermediate + m.hidden)

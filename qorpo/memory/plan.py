@@ -61,10 +61,11 @@ def _round(n: int) -> int:
 
 
 def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = False,
-             hidden: int | None = None) -> Workload:
+             hidden: int | None = None, pair_attention: bool = False) -> Workload:
     """The micro-batch these pairs make in `layout` (rows x length as qorpo.data.collate
     builds them, packed rows as long as its choose_capacity makes them for a model of width
-    `hidden`; the mask is a 4-D (R, 1, L, L) boolean tensor unless nothing is padded)."""
+    `hidden`, or with qorpo.attention's per-pair kernels; the mask is a 4-D (R, 1, L, L)
+    boolean tensor unless nothing is padded)."""
     from qorpo.data.collate import DEFAULT_ATTENTION_COST, choose_capacity, pack_rows
 
     scored = sum(c + r + (p - 1 if sft_on_prompt else 0) for p, c, r in pairs)
@@ -76,11 +77,13 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
         if layout == "shared":
             rows, length = len(shared), _round(max(shared))
         else:
-            cost = 1 / (6 * hidden) if hidden else DEFAULT_ATTENTION_COST
+            cost = 0.0 if pair_attention else (1 / (6 * hidden) if hidden
+                                                else DEFAULT_ATTENTION_COST)
             packed = pack_rows(shared, choose_capacity(shared, ROUND_TO, cost))
             rows, length = len(packed), _round(max(sum(shared[i] for i in r) for r in packed))
     padded = layout == "padded" and rows * length == sum(used)
-    return Workload(rows, length, scored, mask=not padded)
+    return Workload(rows, length, scored, mask=not padded,
+                    pair_attention=pair_attention and layout != "padded")
 
 
 def batches(lengths: Sequence[Lengths], batch_size: int) -> tuple[list[Lengths], list[Lengths]]:
@@ -132,7 +135,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
          layout: str, max_length: int, max_prompt_length: int, lora_r: int = 16,
          chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool = False,
          sft_on_prompt: bool = False, lora_dropout: bool = True,
-         capacity: Capacity | None = None) -> RunEstimate:
+         capacity: Capacity | None = None, pair_attention: bool = False) -> RunEstimate:
     """The run's estimate on `device`, and — when `capacity` is known and it does not fit —
     what each knob would give, cheapest first."""
 
@@ -142,13 +145,14 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
         kw |= {k: v for k, v in over.items() if k != "batch_size" and k != "layout"}
         peak_pairs, _ = batches(lens, over.get("batch_size", batch_size))
         work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt,
-                        hidden=shape.hidden)
+                        hidden=shape.hidden, pair_attention=pair_attention)
         return estimate(shape, workload=work, **kw)
 
     peak = est(lengths)
     _, median = batches(lengths, batch_size)
     typical = estimate(shape, workload=workload(median, layout, sft_on_prompt=sft_on_prompt,
-                                                hidden=shape.hidden),
+                                                hidden=shape.hidden,
+                                                pair_attention=pair_attention),
                        lora_r=lora_r, chunk_size=chunk_size, device=device,
                        lora_dropout=lora_dropout, checkpointing=checkpointing,
                        low_cpu_memory=low_cpu_memory)
