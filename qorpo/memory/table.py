@@ -83,7 +83,7 @@ def markdown_tables() -> str:
     """The tables of docs/memory.md (between its marker comments), exactly."""
     head = ["model", "params", "max length", "estimate, 1 pair (GiB)",
             *[f"{gb} GB" for gb in CARD_SIZES_GB], "naive logits alone (GiB)"]
-    lines = ["Estimates (formula in qorpo/memory.py), not measurements.", "",
+    lines = ["Estimates (formula in qorpo/memory/formula.py), not measurements.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows():
         cells = [r.model, f"{r.params_b:.2f} B", f"{r.seq_len:,}", f"{r.total_gib:.1f}",
@@ -104,7 +104,7 @@ def markdown_tables() -> str:
 def json_summary() -> str:
     """One JSON line: the constants and every table row (for scripts and CI logs)."""
     return json.dumps({
-        "source": "estimate (formula in qorpo/memory.py)", "measured_on_gpu": False,
+        "source": "estimate (formula in qorpo/memory/formula.py)", "measured_on_gpu": False,
         "assumptions": {"lora_r": 16, "chunk_size": DEFAULT_CHUNK_SIZE,
                         "optim": "paged_adamw_8bit", "weights": "NF4 double quant",
                         "cuda_context_gib": CUDA_CONTEXT_BYTES / GIB,
