@@ -80,31 +80,37 @@ def pair_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if groups > 1:  # GQA: each query head's K/V, as transformers' sdpa path does
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows, heads, length, dim = query.shape
-    pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
-    used = [0] * rows
+    by_row: list[list[Span]] = [[] for _ in range(rows)]
     for s in qorpo_spans:
-        a = s.start
-        b = a + s.prompt + s.chosen  # the rejected response starts here
-        e = b + s.rejected
-        # 4-D (1, heads, n, d) slices: SDPA's CPU flash kernel takes only 4-D inputs (3-D
-        # ones silently go to the slower math path)
-        q, k, v = (t[s.row:s.row + 1] for t in (query, key, value))  # (1, heads, L, d)
-        pieces[s.row].append(F.scaled_dot_product_attention(  # (1, heads, P + C, d)
-            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, is_causal=True,
-            scale=scaling))
-        keys = torch.cat([k[:, :, a:a + s.prompt], k[:, :, b:e]], dim=2)  # (1, heads, P + R, d)
-        values = torch.cat([v[:, :, a:a + s.prompt], v[:, :, b:e]], dim=2)
-        # rejected query j sees every prompt key and rejected keys 0..j: col <= j + P
-        mask = torch.ones(s.rejected, s.prompt + s.rejected, dtype=torch.bool,
-                          device=query.device).tril_(diagonal=s.prompt)
-        pieces[s.row].append(F.scaled_dot_product_attention(  # (1, heads, R, d)
-            q[:, :, b:e], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling))
-        used[s.row] = e
+        by_row[s.row].append(s)
     out = []
-    for row in range(rows):
-        if used[row] < length:  # tail padding: never attended to, never scored
-            pieces[row].append(query.new_zeros(1, heads, length - used[row], dim))
-        out.append(torch.cat(pieces[row], dim=2))  # (1, heads, L, d)
+    # Split, never slice: a split's backward is one cat, while each slice's backward writes
+    # its gradient into a zero tensor the size of the whole input. 4-D (1, heads, n, d)
+    # pieces: SDPA's CPU flash kernel takes only 4-D inputs (3-D ones go to the math path).
+    for q_row, k_row, v_row, spans in zip(query.split(1), key.split(1), value.split(1), by_row,
+                                          strict=True):
+        used = sum(s.prompt + s.chosen + s.rejected for s in spans)
+        tail = [length - used] if used < length else []
+        q_parts = q_row.split([n for s in spans for n in (s.prompt + s.chosen, s.rejected)]
+                              + tail, dim=2)
+        kv_sizes = [n for s in spans for n in (s.prompt, s.chosen, s.rejected)] + tail
+        k_parts, v_parts = k_row.split(kv_sizes, dim=2), v_row.split(kv_sizes, dim=2)
+        pieces = []
+        for i, s in enumerate(spans):
+            kp, kc, kr = k_parts[3 * i:3 * i + 3]  # (1, heads, P | C | R, d)
+            vp, vc, vr = v_parts[3 * i:3 * i + 3]
+            pieces.append(F.scaled_dot_product_attention(  # (1, heads, P + C, d)
+                q_parts[2 * i], torch.cat([kp, kc], dim=2), torch.cat([vp, vc], dim=2),
+                dropout_p=dropout, is_causal=True, scale=scaling))
+            # rejected query j sees every prompt key and rejected keys 0..j: col <= j + P
+            mask = torch.ones(s.rejected, s.prompt + s.rejected, dtype=torch.bool,
+                              device=query.device).tril_(diagonal=s.prompt)
+            pieces.append(F.scaled_dot_product_attention(  # (1, heads, R, d)
+                q_parts[2 * i + 1], torch.cat([kp, kr], dim=2), torch.cat([vp, vr], dim=2),
+                attn_mask=mask, dropout_p=dropout, scale=scaling))
+        if tail:  # tail padding: never attended to, never scored
+            pieces.append(query.new_zeros(1, heads, tail[0], dim))
+        out.append(torch.cat(pieces, dim=2))  # (1, heads, L, d)
     return torch.cat(out).transpose(1, 2).contiguous(), None  # (R, L, heads, d)
 
 
