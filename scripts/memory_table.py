@@ -4,7 +4,8 @@
     python scripts/memory_table.py --check    # exit 1 if docs/memory.md is out of date
     python scripts/memory_table.py --no-write # print only
 
-The numbers are a formula (qorpo/memory/formula.py), not a measurement. The last line printed is JSON.
+The numbers are a formula (qorpo/memory/formula.py), not a measurement. The last line
+printed is JSON.
 """
 
 from __future__ import annotations

@@ -237,16 +237,24 @@ def test_ctrl_c_saves_the_adapter(workdir, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- layouts
-def test_layouts_train_to_the_same_adapter(workdir):
+def test_layouts_train_to_the_same_adapter(workdir, monkeypatch):
     """padded, prefix-shared and shared+packed batches: the same pairs in the same steps, the
-    same optimisation (10 steps, AdamW)."""
+    same optimisation (10 steps, AdamW), with qorpo.attention's per-pair kernels (CPU)."""
     root, model, data = workdir
+    monkeypatch.setattr("qorpo.attention.MIN_ROW_LENGTH", 0)  # the test rows are short
+    from qorpo.attention import pair_attention
+
+    calls = []  # (use_pair_attention registers qorpo.attention.pair_attention at each run)
+    monkeypatch.setattr("qorpo.attention.pair_attention",
+                        lambda *a, **k: calls.append(k.get("qorpo_spans") is not None)
+                        or pair_attention(*a, **k))
     flags = {"padded": dict(prefix_sharing=False), "shared": dict(packing=False), "packed": {}}
     results = {}
     for layout, kw in flags.items():
         out = root / f"layout-{layout}"
         results[layout] = train(**base_kwargs(model, data, out, max_steps=10, batch_size=4,
                                               grad_accum=1, lora_dropout=0.0, **kw))
+    assert any(calls)  # the shared and packed runs went through the per-pair kernels
     ref = adapter_weights(root / "layout-padded")
     assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_B" in k)
     for layout in ("shared", "packed"):
