@@ -100,6 +100,13 @@ def test_estimate_command_json(tmp_path):
     out = json.loads(result.output)
     assert out["device"] == "cuda" and out["fits"] is True
     assert out["largest"]["max_length_at_batch_1"] >= 256
+    assert out["note"] == ""  # a GPU estimate promises its number
+    cpu = json.loads(CliRunner().invoke(app, ["estimate", "--model", str(model), "--device",
+                                              "cpu", "--json"]).output)
+    assert "--low-cpu-memory" in cpu["note"]  # glibc's default allocator: said, not hidden
+    low = json.loads(CliRunner().invoke(app, ["estimate", "--model", str(model), "--device",
+                                              "cpu", "--low-cpu-memory", "--json"]).output)
+    assert low["note"] == "" and low["total_gb"] < cpu["total_gb"]
     bad = CliRunner().invoke(app, ["estimate", "--model", str(tmp_path / "none")])
     assert bad.exit_code == 1 and "config.json" in bad.output
 

@@ -23,6 +23,9 @@ def estimate_command(
     device: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="cuda or cpu (default: cuda when --gpu-memory is given or a GPU is found).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    low_cpu_memory: Annotated[bool, typer.Option(
+        "--low-cpu-memory", help="CPU: plan for --low-cpu-memory (the peak is then the "
+        "estimate).")] = False,
     packing: Annotated[bool, typer.Option("--packing/--no-packing",
                                           help="Layout planned for.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -56,7 +59,9 @@ def estimate_command(
         layout = "packed" if packing else "padded"
         est = plan(shape, assumed_lengths(max_length) * batch_size, device=dev,
                    batch_size=batch_size, layout=layout, max_length=max_length,
-                   max_prompt_length=max_length // 2, lora_r=lora_r, capacity=capacity)
+                   max_prompt_length=max_length // 2, lora_r=lora_r, capacity=capacity,
+                   low_cpu_memory=low_cpu_memory,
+                   pair_attention=dev == "cpu" and layout == "packed")
         best = largest_fits(shape, capacity, layout=layout, lora_r=lora_r) if capacity else {}
         if json_out:
             print(json.dumps({"model": model, **est.to_json(), "largest": best}))

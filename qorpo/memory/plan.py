@@ -31,6 +31,7 @@ class RunEstimate(NamedTuple):
     typical: MemoryEstimate  # a micro-batch of median pairs
     capacity: Capacity | None
     knobs: tuple[Knob, ...]  # what to change when it does not fit, best first
+    note: str = ""  # what the estimate cannot promise (CPU with glibc's default allocator)
 
     @property
     def fits(self) -> bool | None:
@@ -52,6 +53,7 @@ class RunEstimate(NamedTuple):
             "headroom_gb": None if self.headroom is None else round(self.headroom / GIB, 3),
             "knobs": [{"change": k.change, "total_gb": round(k.total / GIB, 3), "fits": k.fits}
                       for k in self.knobs],
+            "note": self.note,
         }
 
 
@@ -176,7 +178,12 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
             tries.append((f"--max-length {half}", est(shorter)))
         knobs = [Knob(what, e.total, e.total <= capacity.bytes) for what, e in tries]
         knobs.sort(key=lambda k: (not k.fits, k.total))
-    return RunEstimate(device, peak, typical, capacity, tuple(knobs))
+    note = ""
+    if device == "cpu" and not low_cpu_memory:
+        note = ("glibc's default allocator keeps freed memory: the measured peak RSS varies from "
+                "run to run and was up to 4-7x the live memory; with --low-cpu-memory the peak "
+                "is this estimate (within 6% in scripts/bench_memory.py)")
+    return RunEstimate(device, peak, typical, capacity, tuple(knobs), note)
 
 
 def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed",
