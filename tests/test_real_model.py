@@ -56,7 +56,8 @@ def test_train_merge_generate_real_model(smollm2, tmp_path):
     result = CliRunner().invoke(app, ["merge", str(out), "--out", str(merged), "--verify"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "greedy agreement" in result.output
+    # "greedy agreement=…" (the table may wrap the cell between the two words: long tmp paths)
+    assert "agreement=" in result.output
 
     # plain transformers, no qorpo, no peft: the reply ends at the end-of-turn token
     from transformers import AutoModelForCausalLM, AutoTokenizer
