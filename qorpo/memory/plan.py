@@ -181,7 +181,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
     note = ""
     if device == "cpu" and not low_cpu_memory:
         note = ("glibc's default allocator keeps freed memory: the measured peak RSS varies from "
-                "run to run and was up to 4-7x the live memory; with --low-cpu-memory the peak "
+                "run to run and was 1.8-6.2x the live memory; with --low-cpu-memory the peak "
                 "is this estimate (within 6% in scripts/bench_memory.py)")
     return RunEstimate(device, peak, typical, capacity, tuple(knobs), note)
 
