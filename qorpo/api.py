@@ -125,7 +125,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- build
     from transformers import set_seed
 
-    from qorpo.attention import use_pair_attention
+    from qorpo.attention import applies, use_pair_attention
     from qorpo.data.collate import pairs_from_features
     from qorpo.forward import parity_check, supports_layout
     from qorpo.model import add_lora, load_base_model, unwrap
@@ -141,8 +141,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                           f"{support.reason}; using the padded layout")
             layout = "padded"
-        elif device.type == "cpu":  # per-pair attention kernels (qorpo.attention); the parity
-            use_pair_attention(unwrap(model))  # check below compares them with padded rows
+        elif applies(device.type, layout, cfg.attn_implementation):  # qorpo.attention; the
+            use_pair_attention(unwrap(model))  # parity check below compares it with padded rows
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
@@ -217,13 +217,11 @@ def attention_cost(model: torch.nn.Module) -> float:
 def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
     """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
     real token lengths, the layout; on a `--gpu-memory` card if given, else on this device."""
-    from qorpo.config import parse_memory_size
-    from qorpo.memory.plan import Capacity, detect_capacity, model_shape, pair_lengths, plan
+    from qorpo.attention import applies
+    from qorpo.memory.plan import detect_capacity, gpu_capacity, model_shape, pair_lengths, plan
 
     if cfg.gpu_memory is not None:
-        device = "cuda"
-        capacity = Capacity("cuda", parse_memory_size(cfg.gpu_memory) * 0.94,
-                            f"--gpu-memory {cfg.gpu_memory} (94% usable)")
+        device, capacity = "cuda", gpu_capacity(cfg.gpu_memory)
     else:
         capacity = detect_capacity(device)
     return plan(model_shape(cfg.model, cfg.revision, cfg.trust_remote_code),
@@ -233,8 +231,7 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
                 lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
-                pair_attention=(device == "cpu" and cfg.layout != "padded"
-                                and cfg.attn_implementation in (None, "sdpa")))
+                pair_attention=applies(device, cfg.layout, cfg.attn_implementation))
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

@@ -118,6 +118,12 @@ def pair_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return torch.cat(out).transpose(1, 2).contiguous(), None  # (R, L, heads, d)
 
 
+def applies(device: str, layout: str, attn_implementation: str | None) -> bool:
+    """Whether a run uses these kernels: on the CPU, for a shared/packed layout, when the model
+    runs sdpa (None: transformers' default, checked again by use_pair_attention)."""
+    return device == "cpu" and layout != "padded" and attn_implementation in (None, "sdpa")
+
+
 def use_pair_attention(model: nn.Module) -> bool:
     """Switch a model from `sdpa` to pair-aware attention (its masks are still built as for
     sdpa). Returns whether the model now uses it."""

@@ -152,6 +152,6 @@ def estimate_table(est: Any, title: str = "memory estimate") -> Table:
         for knob in est.knobs[:4]:
             mark = "fits" if knob.fits else "still too big"
             t.add_row(f"  try {knob.change}", f"{knob.total / gib:.2f} ({mark})")
-    if getattr(est, "note", ""):
+    if est.note:
         t.caption = est.note
     return t

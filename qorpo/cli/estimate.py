@@ -9,7 +9,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 from qorpo.cli.report import console, run_reporting_errors
-from qorpo.config import parse_memory_size
 from qorpo.errors import ConfigError, ModelError
 
 
@@ -33,10 +32,11 @@ def estimate_command(
     """How much memory a run needs before you have data: worst-case pairs of --max-length."""
 
     def work() -> None:
+        from qorpo.attention import applies
         from qorpo.memory.plan import (
-            Capacity,
             assumed_lengths,
             detect_capacity,
+            gpu_capacity,
             largest_fits,
             model_shape,
             plan,
@@ -50,9 +50,7 @@ def estimate_command(
         if dev not in ("cuda", "cpu"):
             raise ConfigError([f"device: {dev!r} is not one of cuda, cpu"])
         try:
-            capacity = (Capacity("cuda", parse_memory_size(gpu_memory) * 0.94,
-                                 f"--gpu-memory {gpu_memory} (94% usable)")
-                        if gpu_memory else detect_capacity(dev))
+            capacity = gpu_capacity(gpu_memory) if gpu_memory else detect_capacity(dev)
         except ValueError as exc:
             raise ConfigError([f"gpu_memory: {exc}"]) from None
         shape = _shape_or_error(model_shape, model)
@@ -61,7 +59,7 @@ def estimate_command(
                    batch_size=batch_size, layout=layout, max_length=max_length,
                    max_prompt_length=max_length // 2, lora_r=lora_r, capacity=capacity,
                    low_cpu_memory=low_cpu_memory,
-                   pair_attention=dev == "cpu" and layout == "packed")
+                   pair_attention=applies(dev, layout, None))
         best = largest_fits(shape, capacity, layout=layout, lora_r=lora_r) if capacity else {}
         if json_out:
             print(json.dumps({"model": model, **est.to_json(), "largest": best}))

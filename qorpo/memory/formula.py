@@ -50,6 +50,9 @@ NAIVE_LOGIT_BYTES = BYTES_16BIT + BYTES_FP32 + BYTES_FP32
 # allocator's fragmentation and block rounding, as a share of allocated.
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 FRAGMENTATION = 0.10
+# Share of a GPU's nominal memory a run can plan with: a Colab T4 sold as 16 GB shows 15,360 of
+# 16,384 MiB (ECC on), and the driver keeps some.
+USABLE_FRACTION = 0.94
 # CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets and the tokenizer
 # loaded, before the model (measured: scripts/bench_memory.py, scripts/bench_merge.py).
 CPU_RUNTIME_BYTES = 585 * 2**20  # 580-597 MiB in every measured run

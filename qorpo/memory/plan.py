@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from qorpo.memory.formula import GIB, MemoryEstimate, Workload, estimate
+from qorpo.config import parse_memory_size
+from qorpo.memory.formula import GIB, USABLE_FRACTION, MemoryEstimate, Workload, estimate
 from qorpo.memory.shapes import ModelShape
 
 Lengths = tuple[int, int, int]  # one pair's (prompt, chosen response, rejected response) tokens
@@ -115,6 +116,13 @@ def clip(lengths: Sequence[Lengths], max_length: int, max_prompt: int) -> list[L
 
 
 # ----------------------------------------------------------------------------- capacity
+def gpu_capacity(size: str) -> Capacity:
+    """A GPU the user names (`--gpu-memory 16GB`), at the share of it a run can plan with.
+    Raises ValueError for a size that cannot be read."""
+    return Capacity("cuda", parse_memory_size(size) * USABLE_FRACTION,
+                    f"--gpu-memory {size} ({USABLE_FRACTION:.0%} usable)")
+
+
 def detect_capacity(device: str) -> Capacity | None:
     """The device's memory: the GPU's total (94% of it usable), or the CPU's available RAM."""
     if device == "cuda":
@@ -123,7 +131,8 @@ def detect_capacity(device: str) -> Capacity | None:
         if not torch.cuda.is_available():
             return None
         props = torch.cuda.get_device_properties(0)
-        return Capacity("cuda", props.total_memory * 0.94, f"{props.name} (94% of its memory)")
+        return Capacity("cuda", props.total_memory * USABLE_FRACTION,
+                        f"{props.name} ({USABLE_FRACTION:.0%} of its memory)")
     try:
         with open("/proc/meminfo") as fh:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}

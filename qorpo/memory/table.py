@@ -14,6 +14,7 @@ from qorpo.memory.formula import (
     CUDA_CONTEXT_BYTES,
     FRAGMENTATION,
     GIB,
+    USABLE_FRACTION,
     MemoryEstimate,
     estimate,
 )
@@ -21,7 +22,6 @@ from qorpo.memory.shapes import MODELS, ModelShape
 
 # A card sold as 16 GB shows 15,360 of 16,384 MiB on a Colab T4 (ECC on): count 94 % of the
 # nominal size as usable. Cards that also drive a display have less.
-USABLE_FRACTION = 0.94
 CARD_SIZES_GB = (8, 12, 16, 24)
 SEQ_LENS = (1024, 2048, 4096)
 MAX_PAIRS = 16  # the table stops counting here: gradient accumulation is exact anyway
