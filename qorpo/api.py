@@ -93,12 +93,18 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     from accelerate import PartialState
 
     from qorpo.data.prepare import prepare_data
-    from qorpo.model import choose_dtype, device_of_process, load_tokenizer
+    from qorpo.model import (
+        check_attn_implementation,
+        choose_dtype,
+        device_of_process,
+        load_tokenizer,
+    )
 
     # Under torchrun / accelerate launch this joins the process group now: ranks can then take
     # turns (rank 0 prepares the data first, e.g. fills the datasets cache) and only rank 0
     # prints and writes. A single process gets a trivial state.
     device = device_of_process()
+    check_attn_implementation(cfg.attn_implementation, device)
     procs = PartialState(cpu=device.type == "cpu")  # (on CPU accelerate needs to be told)
     if not procs.is_main_process:
         console = Console(quiet=True)

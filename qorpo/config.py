@@ -58,7 +58,9 @@ class TrainConfig:
                                 "Colab T4): the memory estimate says whether the run fits it. "
                                 "Default: the device qorpo runs on.")
     attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
-                                         "flash_attention_2); transformers' choice if empty.")
+                                         "flex_attention, flash_attention_2); transformers' "
+                                         "choice if empty. flex_attention: CUDA only, skips "
+                                         "the blocks packed pairs never attend to.")
     # --- LoRA ------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA", "LoRA rank.")
     lora_alpha: float = _f(32.0, "LoRA", "LoRA alpha (scale = alpha / r, or / sqrt(r) with "

@@ -8,14 +8,14 @@ transformers (5.x) passes a 4-D mask through untouched to the attention function
 `additive_mask`), FlexAttention wants a BlockMask, and flash attention's varlen kernels can only
 express block-diagonal masks — not "rejected sees the prompt but not the chosen tokens". It
 detects packed sequences from position_ids only when attention_mask is None, so the 4-D mask
-is always passed.
+is always passed (a BlockMask for flex_attention).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from qorpo.errors import ModelError
 from qorpo.loss import chunked_token_logps
 from qorpo.model import final_hidden_states, output_head, supports_logits_to_keep, unwrap
 from qorpo.quant import keep_4bit_differentiable
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -58,22 +61,25 @@ def attn_implementation(model: nn.Module) -> str:
     return str(getattr(_text_config(model), "_attn_implementation", None) or "eager")
 
 
-def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor:
+def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor | BlockMask:
     """The `attention_mask` to pass for this model's attention implementation: padded → 2-D
     (the model builds its own); sdpa → (R, 1, L, L) bool; eager → additive, in the dtype of
-    the model's embeddings (the scores' dtype)."""
+    the model's embeddings (the scores' dtype); flex_attention → a BlockMask (O(tokens), and
+    its kernels skip the blocks it masks out: the GPU's counterpart of qorpo.attention)."""
     if batch.layout == "padded":
         return batch.attention_mask()
     impl = attn_implementation(model)
     if impl in ("sdpa", PAIR_ATTENTION):
         return batch.dense_mask()
+    if impl == "flex_attention":
+        return flex_block_mask(batch)
     if impl == "eager":
         emb = unwrap(model).get_input_embeddings()
         weight = getattr(emb, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
         return additive_mask(batch.dense_mask(), dtype or torch.float32)
-    raise ValueError(f"the {batch.layout} layout needs sdpa or eager attention, the model uses "
-                     f"{impl}; see supports_layout")
+    raise ValueError(f"the {batch.layout} layout needs sdpa, eager or flex_attention, the "
+                     f"model uses {impl}; see supports_layout")
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -86,12 +92,13 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
                                batch.position_ids, **extra)
 
 
-def flex_block_mask(batch: Batch) -> Any:
-    """A FlexAttention BlockMask for a shared/packed batch (for CUDA; untested end to end here).
+def flex_block_mask(batch: Batch) -> BlockMask:
+    """A FlexAttention BlockMask for a shared/packed batch, on the batch's device.
 
     Built from the (R, L) `segment_ids`/`part` only, never the dense mask. transformers'
     flex_attention_forward uses a BlockMask passed as `attention_mask` directly (a tensor
-    mask there is ADDED to the scores as a float `score_mod`).
+    mask there is ADDED to the scores as a float `score_mod`). One per micro-batch: every
+    layer, and the recomputation under gradient checkpointing, get the same object.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -150,7 +157,8 @@ def supports_layout(
 ) -> LayoutSupport:
     """Whether `layout` gives this model the same hidden states as the padded layout.
 
-    Static checks: attention implementation (sdpa/eager take a custom 4-D mask; flash
+    Static checks: attention implementation (sdpa/eager take a custom 4-D mask, flex_attention
+    a BlockMask; flash
     attention's varlen kernels only do block-diagonal masks, so they cannot let rejected tokens
     see the prompt but not the chosen tokens), sliding-window/chunked/linear layers (a 4-D mask
     replaces the model's own sliding-window mask, which is only harmless when no sequence is
@@ -170,10 +178,7 @@ def supports_layout(
     if "flash" in impl:
         return LayoutSupport(False, f"{impl}: varlen kernels take only block-diagonal masks; a "
                              "shared prompt needs a custom mask (use sdpa)")
-    if impl == "flex_attention":
-        return LayoutSupport(False, "flex_attention: needs a BlockMask (flex_block_mask), not "
-                             "wired in yet (use sdpa)")
-    if impl not in ("sdpa", "eager", PAIR_ATTENTION):
+    if impl not in ("sdpa", "eager", "flex_attention", PAIR_ATTENTION):
         return LayoutSupport(False, f"attention implementation {impl!r} is not known to take "
                              "a custom 4-D mask (use sdpa)")
     window, why = _sliding_window(cfg)

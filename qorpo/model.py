@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qorpo.config import TrainConfig
-from qorpo.errors import ModelError
+from qorpo.errors import ConfigError, ModelError
 from qorpo.hf import DTYPES, quiet
 from qorpo.loss import OutputHead
 from qorpo.quant import bnb_config, fsdp_active, keep_4bit_differentiable
@@ -56,6 +56,15 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
         return DtypeChoice(torch.float16, "fp16",
                            f"{name} has no bf16: fp16 compute, fp32 LoRA weights, loss scaling")
     return DtypeChoice(torch.float32, "fp32", "CPU: bf16 is emulated there, fp32 is faster")
+
+
+def check_attn_implementation(requested: str | None, device: torch.device) -> None:
+    """Refuse, before anything loads, a kernel that cannot train on this device: torch has no
+    FlexAttention backward on the CPU (its forward alone would run)."""
+    if requested == "flex_attention" and device.type != "cuda":
+        raise ConfigError([f"--attn-implementation flex_attention trains only on a CUDA GPU "
+                           f"(torch has no FlexAttention backward on {device.type}); leave it "
+                           "empty on the CPU: qorpo's pair attention is used there"])
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

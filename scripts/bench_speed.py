@@ -14,6 +14,9 @@ skipped when `trl` is not installed (it is not a dependency of qorpo).
     python scripts/bench_speed.py --preset tiny            # 2-layer model: per-step overhead
     python scripts/bench_speed.py --preset dpo512 --device cuda   # the GPU shapes (see below)
 
+On CUDA a fifth variant, packed-flex, runs the packed layout through FlexAttention's block mask
+(--attn-implementation flex_attention), and the memory column is max_memory_allocated.
+
 The data presets read ../shared/data/dpo_en_demo.json (LLaMA-Factory's demo set; pass --data).
 Prints a table and, last, one JSON line.
 """
@@ -35,7 +38,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
 VARIANTS = ("padded", "shared", "packed", "trl")
-FLAGS = {"padded": {"prefix_sharing": False}, "shared": {"packing": False}, "packed": {}}
+# packed-flex: the packed layout through FlexAttention's block mask, CUDA only (torch has no
+# FlexAttention backward on the CPU); part of the --device cuda run by default.
+CUDA_VARIANTS = ("padded", "shared", "packed", "packed-flex", "trl")
+FLAGS = {"padded": {"prefix_sharing": False}, "shared": {"packing": False}, "packed": {},
+         "packed-flex": {"attn_implementation": "flex_attention"}}
 # name: (max_length, pairs per micro-batch, pairs per epoch, minimum prompt turns, model)
 PRESETS: dict[str, dict[str, Any]] = {
     "dpo512": dict(max_length=512, batch=4, pairs=8, min_turns=1, model="demo"),
@@ -134,8 +141,9 @@ def child(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
         _trl(spec, timer, out)
     else:
         _qorpo(variant, spec, timer, out)
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"variant": variant, "seconds": timer.seconds(), "steps": steps,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": _peak_rss_mb(), "peak_cuda_mb": peak_cuda}
 
 
 def _qorpo(variant: str, spec: dict[str, Any], timer: EpochTimer, out: Path) -> None:
@@ -244,7 +252,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="dpo512")
     parser.add_argument("--data", type=Path, default=SHARED)
     parser.add_argument("--model", help="model folder (default: the offline demo model)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", help=f"comma separated (default: {','.join(VARIANTS)}; "
+                        f"with --device cuda {','.join(CUDA_VARIANTS)})")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating")
     parser.add_argument("--pairs", type=int, default=0, help="pairs per epoch (preset's)")
     parser.add_argument("--batch", type=int, default=0, help="pairs per micro-batch (preset's)")
@@ -257,7 +266,10 @@ def main() -> None:
         print(json.dumps(child(args.child, json.loads(args.spec))), flush=True)
         return
 
-    variants = [v for v in args.variants.split(",") if v]
+    chosen = args.variants or ",".join(CUDA_VARIANTS if args.device == "cuda" else VARIANTS)
+    variants = [v for v in chosen.split(",") if v]
+    if args.device == "cpu" and "packed-flex" in variants:
+        raise SystemExit("packed-flex needs --device cuda (no FlexAttention backward on the CPU)")
     if "trl" in variants:
         try:
             import trl  # noqa: F401
@@ -295,14 +307,19 @@ def report(args: argparse.Namespace, spec: dict[str, Any], stats: dict[str, floa
             "pairs_per_s": round(stats["pairs"] / sec, 3),
             "tokens_per_s": round(stats["unique_tokens"] / sec, 1),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)),
+            "peak_cuda_mb": (round(max(r["peak_cuda_mb"] for r in rs))
+                             if rs[0].get("peak_cuda_mb") is not None else None),
             "vs_padded": round(best["padded"] / sec, 3) if "padded" in best else None,
             "vs_trl": round(best["trl"] / sec, 3) if "trl" in best else None,
         })
-    head = ("variant", "s/step", "pairs/s", "tokens/s", "peak RSS MB", "vs padded", "vs TRL")
+    cuda = args.device == "cuda"
+    head = ("variant", "s/step", "pairs/s", "tokens/s",
+            "peak CUDA MB (max allocated)" if cuda else "peak RSS MB", "vs padded", "vs TRL")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = (r["variant"], r["s_per_step"], r["pairs_per_s"], r["tokens_per_s"],
-                 r["peak_rss_mb"], _x(r["vs_padded"]), _x(r["vs_trl"]))
+                 r["peak_cuda_mb"] if cuda else r["peak_rss_mb"], _x(r["vs_padded"]),
+                 _x(r["vs_trl"]))
         print("| " + " | ".join(str(c) for c in cells) + " |")
     summary = {"preset": args.preset, "device": args.device, "repeats": args.repeats,
                "pairs": stats["pairs"], "batch": spec["batch"], "max_length": spec["max_length"],

@@ -420,7 +420,7 @@ def test_unsupported_attention_implementation_is_reported():
     model.config._attn_implementation = "flash_attention_2"  # only the name is checked
     got = supports_layout(model, "shared")
     assert not got.ok and "flash_attention_2" in got.reason
-    with pytest.raises(ValueError, match="sdpa or eager"):
+    with pytest.raises(ValueError, match="sdpa, eager or flex_attention"):
         model_attention_mask(model, build_batch(random_pairs(0, 2), "shared"))
 
 
