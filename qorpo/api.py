@@ -24,7 +24,7 @@ from qorpo.progress import (
     start_table,
     summary_table,
 )
-from qorpo.sysmem import pin_malloc_thresholds
+from qorpo.sysmem import allocator, pin_malloc_thresholds
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
 # Applied only to options the user left at their defaults.
@@ -119,6 +119,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     memory = memory_estimate(cfg, data, device.type)
     if dry_run or (memory.fits is False):
         console.print(estimate_table(memory))
+    elif memory.low_cpu_memory and cfg.low_cpu_memory is None:
+        console.print(f"[yellow]note:[/] {memory.note}")  # chosen for this run: say so
+    if memory.low_cpu_memory and not cfg.low_cpu_memory and not dry_run:
+        pin_malloc_thresholds()  # before the model loads (the estimate chose it)
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
     if plan.resume_from is not None:
@@ -202,6 +206,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         metrics["peak_memory_gib"] = measured / 2**30
         metrics["peak_memory_estimate_gib"] = (memory.peak.allocated if device.type == "cuda"
                                                else memory.peak.total) / 2**30
+        if memory.default_bound is not None and not memory.low_cpu_memory:
+            metrics["peak_memory_bound_gib"] = memory.default_bound / 2**30  # glibc's default
     console.print(summary_table(out_dir, metrics, before, gens))
     return TrainResult(out_dir, metrics, before, gens, memory)
 
@@ -237,7 +243,8 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
                 lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
-                pair_attention=applies(device, cfg.layout, cfg.attn_implementation))
+                pair_attention=applies(device, cfg.layout, cfg.attn_implementation),
+                allocator=allocator())
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

@@ -51,9 +51,10 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Model", "Run model/tokenizer code from the hub repo.")
     allow_pickle: bool = _f(False, "Model", "Allow .bin (pickle) weights; safetensors only "
                             "otherwise.")
-    low_cpu_memory: bool = _f(False, "Model", "CPU: return freed memory to the OS at once "
-                              "(glibc): the peak RSS is then the estimate (measured 1.8-6.2x "
-                              "lower), about 1.4x slower.")
+    low_cpu_memory: bool | None = _f(None, "Model", "CPU (glibc): return freed memory to the "
+                                     "OS at once, so the peak RSS is the estimate; 1.4-1.6x "
+                                     "slower. Default: only when glibc's default allocator "
+                                     "could outgrow the available RAM.")
     gpu_memory: str | None = _f(None, "Model", "Plan for a GPU of this size, e.g. 16GB (a "
                                 "Colab T4): the memory estimate says whether the run fits it. "
                                 "Default: the device qorpo runs on.")

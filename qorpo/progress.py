@@ -121,8 +121,10 @@ def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, fl
         if k in metrics:
             t.add_row(k, "—", f"{metrics[k]:.4f}")
     if "peak_memory_gib" in metrics:  # before = the estimate, after = what it really took
-        t.add_row("peak memory GiB (estimate → measured)",
-                  f"{metrics['peak_memory_estimate_gib']:.2f}", f"{metrics['peak_memory_gib']:.2f}")
+        est = f"{metrics['peak_memory_estimate_gib']:.2f}"
+        if "peak_memory_bound_gib" in metrics:  # CPU, glibc's default allocator: a range
+            est += f"-{metrics['peak_memory_bound_gib']:.2f}"
+        t.add_row("peak memory GiB (estimate → measured)", est, f"{metrics['peak_memory_gib']:.2f}")
     for g in gens:
         t.add_row(f"[bold]prompt[/] {g['prompt']}", "", "")
         t.add_row("  before", "", g["before"])
@@ -145,6 +147,9 @@ def estimate_table(est: Any, title: str = "memory estimate") -> Table:
             t.add_row(name.replace("_", " "), f"{value / gib:.2f}")
     t.add_row("[bold]total[/] (longest pairs)", f"[bold]{est.peak.total / gib:.2f}[/]")
     t.add_row("typical micro-batch (median pairs)", f"{est.typical.total / gib:.2f}")
+    if est.default_bound is not None:
+        t.add_row("allocator", "pinned" if est.low_cpu_memory else
+                  f"glibc default: up to {est.default_bound / gib:.2f}")
     if est.capacity is not None:
         verdict = "[green]fits[/]" if est.fits else "[red]does not fit[/]"
         t.add_row(f"{est.capacity.source}", f"{est.capacity.bytes / gib:.2f}")

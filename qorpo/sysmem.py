@@ -1,5 +1,6 @@
 """Host memory behaviour that changes peak RSS by gigabytes on CPUs (Linux, glibc): the
-allocator's thresholds (opt-in) and checkpoint files left mapped after loading.
+allocator's thresholds (pinned when asked, or when qorpo.memory.plan finds the default would
+not fit), which allocator runs, and checkpoint files left mapped after loading.
 
 glibc serves large blocks with mmap and returns them on free, but the first time such a block
 is freed it raises its mmap threshold to that block's size (up to 32 MiB, the *dynamic*
@@ -10,9 +11,11 @@ pinned — scripts/bench_memory.py measures it). Pinning both thresholds keeps t
 and more in mmap, unmapped on free, so peak RSS follows what torch really holds.
 
 The price is speed: every large tensor then comes fresh from the kernel (page faults, zeroed
-pages). The same CPU run (SmolLM2-135M, 4 pairs x 512, packed) took 85.5 s instead of 60.5 s
-for 3.1 GB instead of 6.7-7.9 GB peak RSS, so it is an option (--low-cpu-memory), not the
-default. On a GPU the host barely allocates during training: it changes nothing there.
+pages): 1.4-1.6x per step on SmolLM2-135M, 4 pairs x 512, packed (peak RSS 1.2 instead of
+5.8-6.7 GB). jemalloc (LD_PRELOAD) gets the same peak at 1.3x; transparent huge pages, a
+malloc_trim per step, one arena or a 4 MiB threshold did not do better (docs/memory.md). So
+the default allocator stays, and the thresholds are pinned only where its bound would not fit
+(--low-cpu-memory to force it). On a GPU the host barely allocates during training.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ def pin_malloc_thresholds() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES) == 1
     return mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES) == 1 and ok
+
+
+def allocator() -> str:
+    """The C allocator this process runs: "jemalloc" or "tcmalloc" when one was preloaded
+    (LD_PRELOAD), else "glibc" on Linux; "other" elsewhere. jemalloc and tcmalloc return
+    freed memory on their own, so the estimate is their peak; glibc needs the thresholds."""
+    if not sys.platform.startswith("linux"):
+        return "other"
+    try:
+        with open("/proc/self/maps") as fh:
+            maps = fh.read()
+    except OSError:
+        return "glibc"
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
 
 
 def _mapped_files(suffix: str = ".safetensors") -> list[tuple[int, int]]:

@@ -12,6 +12,8 @@ skipped when `trl` is not installed (it is not a dependency of qorpo).
     python scripts/bench_speed.py --preset dpo512          # dpo_en_demo.json at 512 (the goal)
     python scripts/bench_speed.py --preset multiturn1024   # its rows with >= 3 turns, at 1024
     python scripts/bench_speed.py --preset tiny            # 2-layer model: per-step overhead
+    python scripts/bench_speed.py --preset multiturn1024 --variants padded,packed --low-cpu-memory
+                                              # live memory of each layout (peak RSS, pinned)
     python scripts/bench_speed.py --preset dpo512 --device cuda   # the GPU shapes (see below)
 
 On CUDA a fifth variant, packed-flex, runs the packed layout through FlexAttention's block mask
@@ -164,6 +166,7 @@ def _qorpo(variant: str, spec: dict[str, Any], timer: EpochTimer, out: Path) -> 
           max_length=spec["max_length"], batch_size=spec["batch"], grad_accum=1, epochs=2,
           learning_rate=5e-5, warmup_ratio=0.0, logging_steps=1, save_steps=10**6,
           group_by_length=False, dtype=spec["dtype"], min_response_tokens=1,
+          low_cpu_memory=spec.get("low_cpu_memory"),
           console=Console(quiet=True), **FLAGS[variant])
 
 
@@ -244,7 +247,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dict(preset, model=model, data=str(data), work=str(work), device=args.device,
-                dtype="bf16" if args.device == "cuda" else "fp32", threads=args.threads)
+                dtype="bf16" if args.device == "cuda" else "fp32", threads=args.threads,
+                low_cpu_memory=bool(args.low_cpu_memory))  # never left to qorpo's choice
 
 
 def main() -> None:
@@ -258,6 +262,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=0, help="pairs per epoch (preset's)")
     parser.add_argument("--batch", type=int, default=0, help="pairs per micro-batch (preset's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--low-cpu-memory", action="store_true",
+                        help="qorpo's variants with glibc's thresholds pinned: peak RSS is then "
+                        "the live memory (slower; TRL keeps the default allocator)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -322,6 +329,7 @@ def report(args: argparse.Namespace, spec: dict[str, Any], stats: dict[str, floa
                  _x(r["vs_trl"]))
         print("| " + " | ".join(str(c) for c in cells) + " |")
     summary = {"preset": args.preset, "device": args.device, "repeats": args.repeats,
+               "low_cpu_memory": spec["low_cpu_memory"],
                "pairs": stats["pairs"], "batch": spec["batch"], "max_length": spec["max_length"],
                "prompt_share": round(stats["prompt_share"], 4), "rows": rows}
     print(json.dumps(summary))

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import re
 import sys
+import typing
 from pathlib import Path
 from types import ModuleType
 
@@ -64,10 +65,11 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 def train_flags() -> set[str]:
     flags = set()
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         flags.add(flag)
-        if f.type in ("bool", bool):
+        if hints[f.name] is bool or bool in typing.get_args(hints[f.name]):  # also bool | None
             flags.add("--no-" + flag[2:])
     return flags
 

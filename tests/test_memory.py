@@ -35,16 +35,19 @@ def test_components_add_up(device):
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_estimate_grows_the_right_way(device):
     def total(model=SMOL, length=1024, pairs=2, **kw):
-        return estimate(model, length, pairs=pairs, device=device, **kw).total
+        return estimate(model, length, pairs=pairs, device=device, **kw).allocated
 
+    # `allocated`: the step (CUDA: tensors; CPU: the step's RSS without the runtime and the
+    # loading phase). On a CPU a short step's total is the loading phase's peak (flat in
+    # length, as measured): the step must still grow, and the total never shrink.
     assert total(length=512) < total(length=1024) < total(length=2048)
+    totals = [estimate(SMOL, n, pairs=2, device=device).total for n in (256, 512, 1024, 4096)]
+    assert totals == sorted(totals) and totals[-1] > totals[0]
     assert total(pairs=1) < total(pairs=2) < total(pairs=4)
     assert total(lora_r=8) < total(lora_r=16) < total(lora_r=64)
     small = replace(SMOL, vocab=32000)
     assert total(model=small) < total()
     assert total(checkpointing=True) < total(checkpointing=False)
-    if device == "cpu":
-        assert total(low_cpu_memory=True) < total()
 
 
 def test_layouts_need_less_as_the_prompt_is_shared():
@@ -100,15 +103,113 @@ def test_estimate_command_json(tmp_path):
     out = json.loads(result.output)
     assert out["device"] == "cuda" and out["fits"] is True
     assert out["largest"]["max_length_at_batch_1"] >= 256
-    assert out["note"] == ""  # a GPU estimate promises its number
-    cpu = json.loads(CliRunner().invoke(app, ["estimate", "--model", str(model), "--device",
-                                              "cpu", "--json"]).output)
-    assert "--low-cpu-memory" in cpu["note"]  # glibc's default allocator: said, not hidden
-    low = json.loads(CliRunner().invoke(app, ["estimate", "--model", str(model), "--device",
-                                              "cpu", "--low-cpu-memory", "--json"]).output)
-    assert low["note"] == "" and low["total_gb"] < cpu["total_gb"]
+    assert out["note"] == "" and out["default_allocator_bound_gb"] is None  # GPU: its number
+
+    def cpu(*flags: str) -> dict:
+        return json.loads(CliRunner().invoke(app, ["estimate", "--model", str(model), "--device",
+                                                   "cpu", "--json", *flags]).output)
+
+    auto, low, fast = cpu(), cpu("--low-cpu-memory"), cpu("--no-low-cpu-memory")
+    # glibc's default allocator: a range, said and not hidden; pinned: the estimate is the peak
+    assert auto["default_allocator_bound_gb"] > auto["total_gb"] > 0
+    assert auto["low_cpu_memory"] is False and "--low-cpu-memory" in auto["note"]  # RAM enough
+    assert low["low_cpu_memory"] is True and low["note"] == ""
+    assert fast["low_cpu_memory"] is False and fast["note"] == auto["note"]
+    assert low["total_gb"] == auto["total_gb"] == fast["total_gb"]
     bad = CliRunner().invoke(app, ["estimate", "--model", str(tmp_path / "none")])
     assert bad.exit_code == 1 and "config.json" in bad.output
+
+
+def test_cpu_pins_glibc_only_when_its_default_could_outgrow_the_ram():
+    """CPU: the estimate is the live peak (thresholds pinned); glibc's default allocator may
+    climb to the bound. Left to qorpo (None), the thresholds are pinned exactly when the bound
+    does not fit the available RAM; asked for either way, they are as asked."""
+    def cpu_plan(room: float | None, low: bool | None = None, ckpt: bool = True):
+        cap = None if room is None else Capacity("cpu", room, "available RAM")
+        return plan(SMOL, assumed_lengths(1024) * 2, device="cpu", batch_size=2,
+                    layout="packed", max_length=1024, max_prompt_length=512, capacity=cap,
+                    low_cpu_memory=low, checkpointing=ckpt, pair_attention=True)
+
+    ref = cpu_plan(None)
+    live, bound = ref.peak.total, ref.default_bound
+    assert bound > 1.5 * live  # checkpointing saves a lot: glibc may give much of it back
+    assert not ref.low_cpu_memory  # no capacity known: nothing to decide on
+    roomy, tight = cpu_plan(2 * bound), cpu_plan((live + bound) / 2)
+    assert not roomy.low_cpu_memory and "between this estimate" in roomy.note
+    assert tight.low_cpu_memory and tight.fits and "pinned" in tight.note
+    assert not cpu_plan((live + bound) / 2, low=False).low_cpu_memory  # asked: kept
+    assert cpu_plan(2 * bound, low=True).low_cpu_memory
+    assert {roomy.peak.total, tight.peak.total} == {live}  # the same live estimate
+    short = cpu_plan(live / 2)
+    assert short.fits is False and short.low_cpu_memory and short.knobs  # pinned, and knobs
+    unchecked = cpu_plan(None, ckpt=False)
+    assert unchecked.default_bound > unchecked.peak.total > live
+    gpu = plan(SMOL, assumed_lengths(1024), device="cuda", batch_size=1, layout="packed",
+               max_length=1024, max_prompt_length=512)
+    assert gpu.default_bound is None and not gpu.low_cpu_memory
+
+
+def test_jemalloc_or_tcmalloc_need_no_bound_and_no_pinning():
+    for name in ("jemalloc", "tcmalloc"):
+        est = plan(SMOL, assumed_lengths(1024) * 2, device="cpu", batch_size=2, layout="packed",
+                   max_length=1024, max_prompt_length=512, allocator=name,
+                   capacity=Capacity("cpu", 0.1 * GIB, "available RAM"))
+        assert est.default_bound is None and not est.low_cpu_memory and est.note == ""
+        assert est.fits is False and est.knobs  # what does not fit is still said
+
+
+def test_processes_of_one_launch_share_the_ram(monkeypatch):
+    from qorpo.memory.plan import detect_capacity
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    one = detect_capacity("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = detect_capacity("cpu")
+    assert one is not None and two is not None and "/ 2 processes" in two.source
+    assert two.bytes == pytest.approx(one.bytes / 2, rel=0.05)  # (MemAvailable moves a bit)
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="no libjemalloc.so.2 on this machine")
+def test_a_preloaded_allocator_is_detected():
+    code = "from qorpo.sysmem import allocator; print(allocator())"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"}
+    glibc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, cwd=ROOT)
+    je = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**env, "LD_PRELOAD": str(JEMALLOC)}, cwd=ROOT)
+    assert glibc.stdout.strip() == "glibc" and je.stdout.strip() == "jemalloc", je.stderr
+
+
+def test_train_pins_the_thresholds_when_the_estimate_says_so(tmp_path, monkeypatch):
+    """qorpo train (auto) pins glibc's thresholds before the model loads, and says why, only
+    when the default allocator's bound would not fit the available RAM."""
+    from rich.console import Console
+
+    import qorpo.api
+    import qorpo.memory.plan as mp
+    from qorpo.api import train
+
+    model = make_model(tmp_path / "m", arch="llama")
+    data = write_pairs(tmp_path / "pairs.jsonl", 8)
+    pins: list[bool] = []
+    monkeypatch.setattr(qorpo.api, "pin_malloc_thresholds", lambda: pins.append(True) or True)
+    kw = dict(model=str(model), data=str(data), max_length=48, min_response_tokens=2,
+              batch_size=2, max_steps=1, save_steps=10**6)
+    first = train(output_dir=str(tmp_path / "a"), console=Console(quiet=True), **kw)
+    assert pins == [] and not first.memory.low_cpu_memory  # plenty of RAM here
+    assert first.metrics["peak_memory_bound_gib"] > first.metrics["peak_memory_estimate_gib"]
+    live, bound = first.memory.peak.total, first.memory.default_bound
+    monkeypatch.setattr(mp, "detect_capacity", lambda device: Capacity(
+        "cpu", (live + bound) / 2, "available RAM (test)"))
+    console = Console(record=True, width=200)
+    second = train(output_dir=str(tmp_path / "b"), console=console, **kw)
+    assert pins == [True] and second.memory.low_cpu_memory
+    assert "peak_memory_bound_gib" not in second.metrics
+    said = " ".join(console.export_text().split())
+    assert "thresholds are pinned (--low-cpu-memory)" in said
 
 
 AUDIT = """

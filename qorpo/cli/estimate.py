@@ -22,9 +22,10 @@ def estimate_command(
     device: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="cuda or cpu (default: cuda when --gpu-memory is given or a GPU is found).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    low_cpu_memory: Annotated[bool, typer.Option(
-        "--low-cpu-memory", help="CPU: plan for --low-cpu-memory (the peak is then the "
-        "estimate).")] = False,
+    low_cpu_memory: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--low-cpu-memory/--no-low-cpu-memory", help="CPU: plan with glibc's thresholds "
+        "pinned, or with its default allocator (default: pinned only when the default could "
+        "outgrow the RAM, as qorpo train decides).", show_default=False)] = None,
     packing: Annotated[bool, typer.Option("--packing/--no-packing",
                                           help="Layout planned for.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -41,6 +42,7 @@ def estimate_command(
             model_shape,
             plan,
         )
+        from qorpo.sysmem import allocator
 
         dev = device or ("cuda" if gpu_memory else None)
         if dev is None:
@@ -58,9 +60,10 @@ def estimate_command(
         est = plan(shape, assumed_lengths(max_length) * batch_size, device=dev,
                    batch_size=batch_size, layout=layout, max_length=max_length,
                    max_prompt_length=max_length // 2, lora_r=lora_r, capacity=capacity,
-                   low_cpu_memory=low_cpu_memory,
+                   low_cpu_memory=low_cpu_memory, allocator=allocator(),
                    pair_attention=applies(dev, layout, None))
-        best = largest_fits(shape, capacity, layout=layout, lora_r=lora_r) if capacity else {}
+        best = largest_fits(shape, capacity, layout=layout, lora_r=lora_r,
+                            pair_attention=applies(dev, layout, None)) if capacity else {}
         if json_out:
             print(json.dumps({"model": model, **est.to_json(), "largest": best}))
             return

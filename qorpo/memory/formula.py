@@ -4,9 +4,10 @@ Two devices, two meanings of "memory":
 
 * ``cuda``: what torch.cuda.max_memory_allocated reaches, plus an allowance for the CUDA context
   and the caching allocator. 16-bit compute, paged 8-bit AdamW.
-* ``cpu``: the process's peak RSS (what `top` and the OOM killer see). fp32 compute, torch's
-  AdamW, plus what the Python runtime and its libraries hold, and what glibc's allocator keeps
-  resident after torch frees it (calibrated with scripts/bench_memory.py; see docs/memory.md).
+* ``cpu``: the process's peak RSS (what `top` and the OOM killer see) with glibc's thresholds
+  pinned (qorpo.sysmem): fp32 compute, torch's AdamW, plus what the Python runtime and its
+  libraries hold (calibrated with scripts/bench_memory.py; see docs/memory.md). glibc's
+  *default* allocator keeps freed memory resident on top of that; qorpo.memory.plan bounds it.
 
 The step's tokens come from a `Workload`: rows x row length of the batch layout (padded,
 prefix-shared or packed; see qorpo.data.collate) and the scored tokens. Assumptions otherwise
@@ -56,11 +57,6 @@ USABLE_FRACTION = 0.94
 # CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets and the tokenizer
 # loaded, before the model (measured: scripts/bench_memory.py, scripts/bench_merge.py).
 CPU_RUNTIME_BYTES = 585 * 2**20  # 580-597 MiB in every measured run
-# CPU: glibc keeps memory torch has freed resident (its dynamic mmap threshold, see
-# qorpo.sysmem), in proportion to the step's activation traffic: peak RSS above the live
-# tensors, per byte of activations (measured, scripts/bench_memory.py; 0 with
-# --low-cpu-memory, which pins the thresholds).
-CPU_ALLOCATOR_SLACK = 1.0
 
 
 class Workload(NamedTuple):
@@ -96,7 +92,7 @@ class MemoryEstimate(NamedTuple):
     layer_recompute: float  # one layer's working set during its backward (all layers without)
     attention_mask: float  # the (R, 1, L, L) boolean mask
     loss_path: float  # final hidden states, their gradients, chunked logits
-    allowance: float  # CUDA: context + fragmentation; CPU: runtime + allocator slack
+    allowance: float  # CUDA: context + fragmentation; CPU: runtime + loading above the step
     naive_logits: float
 
     @property
@@ -124,8 +120,8 @@ def _shape(model: ModelShape | str) -> ModelShape:
 
 def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_r: int = 16,
              chunk_size: int = DEFAULT_CHUNK_SIZE, optim: str | None = None,
-             device: str = "cuda", checkpointing: bool = True, low_cpu_memory: bool = False,
-             lora_dropout: bool = True, workload: Workload | None = None) -> MemoryEstimate:
+             device: str = "cuda", checkpointing: bool = True, lora_dropout: bool = True,
+             workload: Workload | None = None) -> MemoryEstimate:
     """Peak memory of one training step: `workload`, or `pairs` pairs padded to `seq_len`."""
     m = _shape(model)
     if device not in ("cuda", "cpu"):
@@ -137,8 +133,7 @@ def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_
     if optim not in OPTIMIZER_STATE_BYTES:
         raise KeyError(f"unknown optimizer {optim!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}")
     if device == "cpu":
-        return _cpu(m, work, lora_r, chunk_size, optim, checkpointing, low_cpu_memory,
-                    lora_dropout)
+        return _cpu(m, work, lora_r, chunk_size, optim, checkpointing, lora_dropout)
     act = BYTES_16BIT
     tokens, lora = work.tokens, m.lora_params(lora_r)
     layer = tokens * m.layer_bytes_per_token(act)
@@ -184,8 +179,9 @@ def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool 
 
 
 def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str,
-         checkpointing: bool, low_cpu_memory: bool, lora_dropout: bool) -> MemoryEstimate:
-    """Peak RSS on the CPU (fp32): the largest of loading the model and a training step."""
+         checkpointing: bool, lora_dropout: bool) -> MemoryEstimate:
+    """Peak RSS on the CPU (fp32): the largest of loading the model and a training step, with
+    the live tensors resident and nothing else (glibc's thresholds pinned)."""
     n, lora = work.tokens, m.lora_params(lora_r)
     dense = BYTES_FP32 * (m.embedding_params + m.norm_params)
     per_layer = cpu_layer_bytes(m, work.length, lora_r, lora_dropout, work.pair_attention)
@@ -221,8 +217,6 @@ def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str
     # copied out of the mapping into fp32 (qorpo.sysmem.release_file_mappings then drops it).
     mapped = m.checkpoint_bytes * (m.linear_params + m.embedding_params + m.norm_params)
     load = mapped + parts["quantized_weights"] + dense
-    slack = 0.0 if low_cpu_memory else CPU_ALLOCATOR_SLACK * (ckpt + backward + parts[
-        "loss_path"])
-    allowance = CPU_RUNTIME_BYTES + max(0.0, load - step) + slack
+    allowance = CPU_RUNTIME_BYTES + max(0.0, load - step)
     return MemoryEstimate(**parts, allowance=allowance,
                           naive_logits=n * m.vocab * NAIVE_LOGIT_BYTES)

@@ -3,6 +3,7 @@ headroom on the device, and which knob to turn first when it does not fit."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -12,6 +13,11 @@ from qorpo.memory.shapes import ModelShape
 
 Lengths = tuple[int, int, int]  # one pair's (prompt, chosen response, rejected response) tokens
 ROUND_TO = 8  # the collator pads rows to a multiple of 8
+# glibc's default allocator on a step WITHOUT gradient checkpointing: peak RSS up to this many
+# times the live estimate. Measured once (SmolLM2-135M, 4 pairs x 512, packed: 9.8 GiB against
+# an estimate of 7.8 and 6.6 measured pinned, 1.26x and 1.49x); no model behind it, so kept
+# above both (see allocator_bound).
+NO_CHECKPOINT_BOUND = 1.5
 
 
 class Capacity(NamedTuple):
@@ -33,6 +39,11 @@ class RunEstimate(NamedTuple):
     capacity: Capacity | None
     knobs: tuple[Knob, ...]  # what to change when it does not fit, best first
     note: str = ""  # what the estimate cannot promise (CPU with glibc's default allocator)
+    # CPU: whether glibc's thresholds are pinned (--low-cpu-memory, asked for or chosen
+    # because `default_bound` would not fit), and the peak RSS glibc's default allocator may
+    # reach (see allocator_bound); None on CUDA.
+    low_cpu_memory: bool = False
+    default_bound: float | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -55,6 +66,9 @@ class RunEstimate(NamedTuple):
             "knobs": [{"change": k.change, "total_gb": round(k.total / GIB, 3), "fits": k.fits}
                       for k in self.knobs],
             "note": self.note,
+            "low_cpu_memory": self.low_cpu_memory,
+            "default_allocator_bound_gb": (None if self.default_bound is None
+                                           else round(self.default_bound / GIB, 3)),
         }
 
 
@@ -136,23 +150,32 @@ def detect_capacity(device: str) -> Capacity | None:
     try:
         with open("/proc/meminfo") as fh:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
-        return Capacity("cpu", float(info["MemAvailable"]), "available RAM (/proc/meminfo)")
-    except (OSError, KeyError, ValueError):
+    except (OSError, ValueError):
         return None
+    if "MemAvailable" not in info:
+        return None
+    # processes of one launch on this machine (torchrun, accelerate) share its RAM
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = "" if local == 1 else f" / {local} processes"
+    return Capacity("cpu", info["MemAvailable"] / local, f"available RAM (/proc/meminfo){share}")
 
 
 # ----------------------------------------------------------------------------- the plan
 def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_size: int,
          layout: str, max_length: int, max_prompt_length: int, lora_r: int = 16,
-         chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool = False,
+         chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool | None = None,
          sft_on_prompt: bool = False, lora_dropout: bool = True,
-         capacity: Capacity | None = None, pair_attention: bool = False) -> RunEstimate:
+         capacity: Capacity | None = None, pair_attention: bool = False,
+         allocator: str = "glibc") -> RunEstimate:
     """The run's estimate on `device`, and — when `capacity` is known and it does not fit —
-    what each knob would give, cheapest first."""
+    what each knob would give, cheapest first. On the CPU also whether glibc's thresholds are
+    pinned: `low_cpu_memory` as asked, or (None) when the default allocator's bound would not
+    fit `capacity`. `allocator`: qorpo.sysmem.allocator() of the process that will train
+    (jemalloc/tcmalloc return freed memory themselves: no bound, nothing to pin)."""
 
     def est(lens: Sequence[Lengths], **over: Any) -> MemoryEstimate:
         kw = dict(lora_r=lora_r, chunk_size=chunk_size, device=device, lora_dropout=lora_dropout,
-                  checkpointing=checkpointing, low_cpu_memory=low_cpu_memory)
+                  checkpointing=checkpointing)
         kw |= {k: v for k, v in over.items() if k != "batch_size" and k != "layout"}
         peak_pairs, _ = batches(lens, over.get("batch_size", batch_size))
         work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt,
@@ -165,8 +188,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
                                                 hidden=shape.hidden,
                                                 pair_attention=pair_attention),
                        lora_r=lora_r, chunk_size=chunk_size, device=device,
-                       lora_dropout=lora_dropout, checkpointing=checkpointing,
-                       low_cpu_memory=low_cpu_memory)
+                       lora_dropout=lora_dropout, checkpointing=checkpointing)
     knobs: list[Knob] = []
     if capacity is not None and peak.total > capacity.bytes:
         tries: list[tuple[str, MemoryEstimate]] = []
@@ -177,8 +199,6 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
             tries.append(("--gradient-checkpointing", est(lengths, checkpointing=True)))
         if layout != "packed":
             tries.append(("--prefix-sharing --packing", est(lengths, layout="packed")))
-        if device == "cpu" and not low_cpu_memory:
-            tries.append(("--low-cpu-memory", est(lengths, low_cpu_memory=True)))
         if chunk_size > 64:
             tries.append(("--chunk-size 64", est(lengths, chunk_size=64)))
         half = max_length // 2
@@ -187,22 +207,53 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
             tries.append((f"--max-length {half}", est(shorter)))
         knobs = [Knob(what, e.total, e.total <= capacity.bytes) for what, e in tries]
         knobs.sort(key=lambda k: (not k.fits, k.total))
-    note = ""
-    if device == "cpu" and not low_cpu_memory:
-        note = ("glibc's default allocator keeps freed memory: the measured peak RSS varies from "
-                "run to run and was 1.8-6.2x the live memory; with --low-cpu-memory the peak "
-                "is this estimate (within 6% in scripts/bench_memory.py)")
-    return RunEstimate(device, peak, typical, capacity, tuple(knobs), note)
+    if device != "cpu" or allocator != "glibc":
+        return RunEstimate(device, peak, typical, capacity, tuple(knobs))
+    bound = allocator_bound(peak, est(lengths, checkpointing=False), checkpointing)
+    room = None if capacity is None else capacity.bytes
+    pinned = bool(low_cpu_memory) if low_cpu_memory is not None else (
+        room is not None and bound > room)
+    gib = f"{bound / GIB:.1f} GiB"
+    if pinned and low_cpu_memory is None:
+        note = (f"glibc's default allocator could hold up to {gib} (freed memory kept "
+                f"resident), more than the {room / GIB:.1f} GiB available: its thresholds are "
+                "pinned (--low-cpu-memory), so the peak is this estimate; 1.4-1.6x slower "
+                "(--no-low-cpu-memory to keep the default allocator)")
+    elif pinned:
+        note = ""  # asked for: the estimate is the peak
+    else:
+        note = (f"glibc's default allocator (fast) keeps freed memory resident: peak RSS "
+                f"between this estimate and {gib}; with --low-cpu-memory it is this estimate, "
+                "1.4-1.6x slower (chosen automatically when the bound does not fit)")
+    return RunEstimate(device, peak, typical, capacity, tuple(knobs), note, pinned, bound)
+
+
+def allocator_bound(live: MemoryEstimate, unchecked: MemoryEstimate,
+                    checkpointing: bool) -> float:
+    """The peak RSS glibc's default allocator may reach for a step whose live peak is `live`
+    (`unchecked`: the same step without gradient checkpointing).
+
+    With its dynamic mmap threshold, glibc serves activations from its heap and rarely reuses
+    or returns what torch frees inside a step (a 4 x 512 packed step: the heap grew to 5.3 GiB
+    while malloc counted 0.5 GiB in use). Measured (scripts/bench_memory.py --malloc default,
+    scripts/bench_speed.py), a checkpointed step's peak then climbs towards what it would hold
+    live without checkpointing: as if each layer's recomputed activations, freed after its
+    backward, were never reused — kept on top of the checkpoints (docs/memory.md lists the
+    runs; none went above).
+    A step without checkpointing: NO_CHECKPOINT_BOUND."""
+    if checkpointing:  # every layer's recomputed set kept, on top of the checkpoints
+        return max(live.total, unchecked.total + live.checkpoints)
+    return live.total * NO_CHECKPOINT_BOUND
 
 
 def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed",
-                 **kwargs: Any) -> dict[str, int]:
+                 pair_attention: bool = False, **kwargs: Any) -> dict[str, int]:
     """Without data: the longest max_length (batch 1) and the largest batch (at 1,024 tokens)
-    whose worst-case estimate fits."""
+    whose worst-case estimate fits (on the CPU: with the thresholds pinned where needed)."""
 
     def fits(max_length: int, batch: int) -> bool:
         lens = assumed_lengths(max_length) * batch
-        work = workload(lens, layout, hidden=shape.hidden)
+        work = workload(lens, layout, hidden=shape.hidden, pair_attention=pair_attention)
         return estimate(shape, workload=work, device=capacity.device,
                         **kwargs).total <= capacity.bytes
 
