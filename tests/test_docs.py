@@ -56,9 +56,9 @@ MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-
 OTHER_TOOLS = {"--index-url", "--num_processes", "--config_file", "--multi_gpu", "--cpu",  # pip,
                "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",  # accelerate,
                "--master_port"}  # torchrun
-# scripts/memory_table.py, gen_docs.py, bench_scale.py, bench_speed.py
+# scripts/memory_table.py, gen_docs.py, bench_scale.py, bench_speed.py, bench_allocators.py
 SCRIPT_FLAGS = {"--check", "--no-write", "--fsdp", "--device", "--preset", "--malloc", "--quick",
-                "--models", "--lengths", "--repeats", "--threads"}
+                "--models", "--lengths", "--repeats", "--threads", "--variants"}
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 

@@ -209,7 +209,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
         knobs.sort(key=lambda k: (not k.fits, k.total))
     if device != "cpu" or allocator != "glibc":
         return RunEstimate(device, peak, typical, capacity, tuple(knobs))
-    bound = allocator_bound(peak, est(lengths, checkpointing=False), checkpointing)
+    bound = allocator_bound(shape, peak, est(lengths, checkpointing=False), checkpointing)
     room = None if capacity is None else capacity.bytes
     pinned = bool(low_cpu_memory) if low_cpu_memory is not None else (
         room is not None and bound > room)
@@ -228,7 +228,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
     return RunEstimate(device, peak, typical, capacity, tuple(knobs), note, pinned, bound)
 
 
-def allocator_bound(live: MemoryEstimate, unchecked: MemoryEstimate,
+def allocator_bound(shape: ModelShape, live: MemoryEstimate, unchecked: MemoryEstimate,
                     checkpointing: bool) -> float:
     """The peak RSS glibc's default allocator may reach for a step whose live peak is `live`
     (`unchecked`: the same step without gradient checkpointing).
@@ -240,10 +240,14 @@ def allocator_bound(live: MemoryEstimate, unchecked: MemoryEstimate,
     live without checkpointing: as if each layer's recomputed activations, freed after its
     backward, were never reused — kept on top of the checkpoints (docs/memory.md lists the
     runs; none went above).
-    A step without checkpointing: NO_CHECKPOINT_BOUND."""
+    A step without checkpointing: NO_CHECKPOINT_BOUND. Loading a 16-bit checkpoint leaves
+    the same kind of heap behind: each linear weight is converted to fp32 to be quantised and
+    freed (a 360M-shape bf16 model: 2.64 GiB loaded with the default allocator, 1.53 pinned;
+    its linear weights in fp32 are 1.17 GiB), and the step does not reuse it."""
+    loaded = 4.0 * shape.linear_params if shape.checkpoint_bytes < 4 else 0.0
     if checkpointing:  # every layer's recomputed set kept, on top of the checkpoints
-        return max(live.total, unchecked.total + live.checkpoints)
-    return live.total * NO_CHECKPOINT_BOUND
+        return max(live.total, unchecked.total + live.checkpoints) + loaded
+    return live.total * NO_CHECKPOINT_BOUND + loaded
 
 
 def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed",
