@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -89,16 +87,9 @@ def main() -> None:
         spec = bench_speed.prepare(ns, Path(tmp))
         for rep in range(args.repeats):
             for name in names:
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(bench_speed.ROOT),
-                       **VARIANTS[name][0]}
-                done = subprocess.run([sys.executable, __file__, "--child", name, "--spec",
-                                       json.dumps(spec)], capture_output=True, text=True, env=env)
-                lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    print(f"  {name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                res = bench_speed.run_child(name, spec, script=__file__, env=VARIANTS[name][0])
+                if res is None:
                     continue
-                res = json.loads(lines[-1])
                 runs[name].append(res)
                 print(f"  run {rep + 1} {name}: {res['seconds'] / res['steps']:.2f} s/step, "
                       f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)

@@ -209,10 +209,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(variant: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+def run_child(variant: str, spec: dict[str, Any], *, script: str = __file__,
+              env: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Run `script --child VARIANT --spec …` in a fresh process (`env` added to its
+    environment); its last JSON line, or None (its stderr printed) when it failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, "--spec",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run([sys.executable, script, "--child", variant, "--spec",
                            json.dumps(spec)], capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
