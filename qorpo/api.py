@@ -135,10 +135,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # ---- build
     from transformers import set_seed
 
-    from qorpo.attention import applies, use_pair_attention
     from qorpo.data.collate import pairs_from_features
     from qorpo.forward import parity_check, supports_layout
-    from qorpo.model import add_lora, load_base_model, unwrap
+    from qorpo.kernels import FLEX, choose, planned
+    from qorpo.model import add_lora, load_base_model
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
@@ -151,8 +151,14 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
             console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                           f"{support.reason}; using the padded layout")
             layout = "padded"
-        elif applies(device.type, layout, cfg.attn_implementation):  # qorpo.attention; the
-            use_pair_attention(unwrap(model))  # parity check below compares it with padded rows
+        else:  # a kernel that skips the masked blocks (qorpo.kernels); the parity check below
+            kernel = planned(device.type, layout, cfg.attn_implementation)  # compares it too
+            with (console.status("Compiling FlexAttention's kernels and checking them…")
+                  if kernel == FLEX else contextlib.nullcontext()):
+                choice = choose(model, device.type, layout, cfg.attn_implementation)
+            if choice.note:
+                console.print(f"[yellow]note:[/] {choice.note}" if choice.fell_back
+                              else choice.note)
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
@@ -215,12 +221,12 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
 def attention_cost(model: torch.nn.Module) -> float:
     """Attention's cost per (query, key) relative to a token's linear layers, ~1 / (6 H)
     (qorpo.data.collate.choose_capacity: how long packed rows may grow)."""
-    from qorpo.attention import NAME as PAIR_ATTENTION
+    from qorpo.kernels import skips_masked_blocks
     from qorpo.model import unwrap
 
     cfg = unwrap(model).config
-    if getattr(cfg, "_attn_implementation", None) == PAIR_ATTENTION:
-        return 0.0  # per-pair kernels: pairs sharing a row never pay for each other
+    if skips_masked_blocks(getattr(cfg, "_attn_implementation", None)):
+        return 0.0  # pairs sharing a row never pay for each other
     hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
                      "hidden_size", 576)
     return 1 / (6 * int(hidden))
@@ -229,7 +235,7 @@ def attention_cost(model: torch.nn.Module) -> float:
 def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
     """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
     real token lengths, the layout; on a `--gpu-memory` card if given, else on this device."""
-    from qorpo.attention import applies
+    from qorpo.kernels import planned
     from qorpo.memory.plan import detect_capacity, gpu_capacity, model_shape, pair_lengths, plan
 
     if cfg.gpu_memory is not None:
@@ -243,7 +249,7 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
                 lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
-                pair_attention=applies(device, cfg.layout, cfg.attn_implementation),
+                kernel=planned(device, cfg.layout, cfg.attn_implementation),
                 allocator=allocator())
 
 
@@ -364,6 +370,8 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
 def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:
     """Greedy reply to one user turn with the adapter on or off (before/after, one model)."""
     from qorpo.hf import greedy_reply
+    from qorpo.kernels import for_generation
 
-    with contextlib.nullcontext() if adapter else model.disable_adapter():
+    with contextlib.nullcontext() if adapter else model.disable_adapter(), \
+            for_generation(model):
         return greedy_reply(model, tokenizer, prompt).text

@@ -18,9 +18,8 @@ Whenever `qorpo_spans` is absent (padded batches, generation, a model that does 
 keyword arguments through) the call is plain `sdpa` with the batch's own mask — which qorpo
 always passes — so the result is correct either way.
 
-Used on the CPU only for now: on CUDA the many small calls per layer have not been measured
-against one masked kernel (or FlexAttention's block mask); the `--device cuda` preset of
-scripts/bench_speed.py is the check to run.
+Used on the CPU (qorpo.kernels chooses): on CUDA, FlexAttention's compiled block-sparse
+kernels do the same job in one call per layer instead of two small ones per pair.
 """
 
 from __future__ import annotations
@@ -116,12 +115,6 @@ def pair_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             pieces.append(query.new_zeros(1, heads, tail[0], dim))
         out.append(torch.cat(pieces, dim=2))  # (1, heads, L, d)
     return torch.cat(out).transpose(1, 2).contiguous(), None  # (R, L, heads, d)
-
-
-def applies(device: str, layout: str, attn_implementation: str | None) -> bool:
-    """Whether a run uses these kernels: on the CPU, for a shared/packed layout, when the model
-    runs sdpa (None: transformers' default, checked again by use_pair_attention)."""
-    return device == "cpu" and layout != "padded" and attn_implementation in (None, "sdpa")
 
 
 def use_pair_attention(model: nn.Module) -> bool:

@@ -59,9 +59,12 @@ class TrainConfig:
                                 "Colab T4): the memory estimate says whether the run fits it. "
                                 "Default: the device qorpo runs on.")
     attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
-                                         "flex_attention, flash_attention_2); transformers' "
-                                         "choice if empty. flex_attention: CUDA only, skips "
-                                         "the blocks packed pairs never attend to.")
+                                         "flex_attention, flash_attention_2). Empty: qorpo's "
+                                         "choice, a kernel that skips the blocks the shared/"
+                                         "packed mask rules out: per-pair SDPA calls on the "
+                                         "CPU, FlexAttention on CUDA (compiled and checked at "
+                                         "start-up; sdpa if it cannot train on that GPU). "
+                                         "flex_attention: CUDA only.")
     # --- LoRA ------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA", "LoRA rank.")
     lora_alpha: float = _f(32.0, "LoRA", "LoRA alpha (scale = alpha / r, or / sqrt(r) with "

@@ -207,23 +207,29 @@ def supports_layout(
                          f"(relative diff {err:.1g})")
 
 
-def probe_layout(model: nn.Module, layout: Layout) -> tuple[float, float]:
-    """(max |h_layout − h_padded| / max |h_padded| over scored positions, tolerance)."""
-    cfg = _text_config(model)
-    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+# Odd shapes on purpose: a one-token prompt, a one-token response, chosen longer and shorter
+# than rejected. Packed into rows of PROBE_ROW_TOKENS, the two longest pairs share a row.
+PROBE_SHAPES = ((3, 2, 4), (1, 3, 1), (2, 1, 2))
+PROBE_ROW_TOKENS = 9 + 5
+
+
+def probe_pairs(model: nn.Module) -> list[Pair]:
+    """Made-up (prompt, chosen, rejected) token ids of PROBE_SHAPES, in the model's vocab."""
+    vocab = int(getattr(_text_config(model), "vocab_size", 0) or 0)
     if vocab < 2:
         raise ValueError("no vocab_size in the model config")
-    emb = unwrap(model).get_input_embeddings()
-    device = emb.weight.device
     gen = torch.Generator().manual_seed(1234)
-    # Odd shapes on purpose: a one-token prompt, a one-token response, chosen longer and
-    # shorter than rejected. Packed capacity: the two longest pairs share a row.
-    shapes = [(3, 2, 4), (1, 3, 1), (2, 1, 2)]
-    pairs = [tuple(torch.randint(0, vocab, (n,), generator=gen).tolist() for n in s)
-             for s in shapes]
+    return [tuple(torch.randint(0, vocab, (n,), generator=gen).tolist() for n in shape)
+            for shape in PROBE_SHAPES]
+
+
+def probe_layout(model: nn.Module, layout: Layout) -> tuple[float, float]:
+    """(max |h_layout − h_padded| / max |h_padded| over scored positions, tolerance)."""
+    pairs = probe_pairs(model)
+    device = unwrap(model).get_input_embeddings().weight.device
     kw: dict[str, Any] = {"pad_token_id": 0, "sft_on_prompt": True}
     ref = build_batch(pairs, "padded", **kw).to(device)
-    got = build_batch(pairs, layout, max_row_tokens=9 + 5, **kw).to(device)
+    got = build_batch(pairs, layout, max_row_tokens=PROBE_ROW_TOKENS, **kw).to(device)
     keep_4bit_differentiable(model)  # before any eval-mode no-grad forward (see qorpo.quant)
     with evaluating(model):
         h_ref = hidden_states(model, ref)

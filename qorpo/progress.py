@@ -93,6 +93,7 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
                          "shared": "prefix sharing: the prompt computed once per pair",
                          "packed": "prefix sharing + packing: the prompt once, no padding"}[
                              cfg.layout])
+    t.add_row("attention", attention_line(cfg, device.type))
     per_step = cfg.batch_size * cfg.grad_accum * processes
     ranks = f" × {processes} processes" if processes > 1 else ""
     t.add_row("steps", f"{steps} × {cfg.batch_size} pairs × {cfg.grad_accum} accum{ranks} "
@@ -103,6 +104,19 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
                                f"per micro-batch, {cfg.grad_accum} micro-batches per step")
     t.add_row("output", cfg.output_dir)
     return t
+
+
+def attention_line(cfg: TrainConfig, device: str) -> str:
+    """The attention kernel this run plans (qorpo.kernels; the run may still fall back)."""
+    from qorpo.attention import NAME as PAIR_ATTENTION
+    from qorpo.kernels import FLEX, planned
+
+    kernel = planned(device, cfg.layout, cfg.attn_implementation)
+    if kernel == PAIR_ATTENTION:
+        return "per-pair SDPA calls: no masked block computed"
+    if kernel == FLEX:
+        return "FlexAttention block mask: masked blocks skipped (compiled, checked at start-up)"
+    return cfg.attn_implementation or "the model's default (sdpa where it has it)"
 
 
 def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, float],

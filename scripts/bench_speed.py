@@ -16,8 +16,9 @@ skipped when `trl` is not installed (it is not a dependency of qorpo).
                                               # live memory of each layout (peak RSS, pinned)
     python scripts/bench_speed.py --preset dpo512 --device cuda   # the GPU shapes (see below)
 
-On CUDA a fifth variant, packed-flex, runs the packed layout through FlexAttention's block mask
-(--attn-implementation flex_attention), and the memory column is max_memory_allocated.
+On CUDA the shared and packed layouts run on FlexAttention's block mask (qorpo's default there),
+a fifth variant, packed-sdpa, runs the packed layout on sdpa with a dense mask (the fallback;
+--attn-implementation sdpa), and the memory column is max_memory_allocated.
 
 The data presets read ../shared/data/dpo_en_demo.json (LLaMA-Factory's demo set; pass --data).
 Prints a table and, last, one JSON line.
@@ -40,11 +41,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "dpo_en_demo.json"
 VARIANTS = ("padded", "shared", "packed", "trl")
-# packed-flex: the packed layout through FlexAttention's block mask, CUDA only (torch has no
-# FlexAttention backward on the CPU); part of the --device cuda run by default.
-CUDA_VARIANTS = ("padded", "shared", "packed", "packed-flex", "trl")
+# packed-sdpa: the packed layout on sdpa with a dense mask, which is what a CUDA run falls back
+# to when FlexAttention cannot train there (on the CPU, sdpa means the per-pair kernels: the
+# same as packed); part of the --device cuda run by default.
+CUDA_VARIANTS = ("padded", "shared", "packed", "packed-sdpa", "trl")
 FLAGS = {"padded": {"prefix_sharing": False}, "shared": {"packing": False}, "packed": {},
-         "packed-flex": {"attn_implementation": "flex_attention"}}
+         "packed-sdpa": {"attn_implementation": "sdpa"}}
 # name: (max_length, pairs per micro-batch, pairs per epoch, minimum prompt turns, model)
 PRESETS: dict[str, dict[str, Any]] = {
     "dpo512": dict(max_length=512, batch=4, pairs=8, min_turns=1, model="demo"),
@@ -278,8 +280,9 @@ def main() -> None:
 
     chosen = args.variants or ",".join(CUDA_VARIANTS if args.device == "cuda" else VARIANTS)
     variants = [v for v in chosen.split(",") if v]
-    if args.device == "cpu" and "packed-flex" in variants:
-        raise SystemExit("packed-flex needs --device cuda (no FlexAttention backward on the CPU)")
+    if args.device == "cpu" and "packed-sdpa" in variants:
+        raise SystemExit("packed-sdpa differs from packed only with --device cuda (on the CPU "
+                         "the per-pair kernels are sdpa)")
     if "trl" in variants:
         try:
             import trl  # noqa: F401

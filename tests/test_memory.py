@@ -73,12 +73,17 @@ def test_workload_is_the_batch_the_collator_builds(layout):
         pairs = [(rng.randint(1, 300), rng.randint(1, 400), rng.randint(1, 400))
                  for _ in range(rng.randint(1, 9))]
         hidden = rng.choice([64, 576, 4096])
-        pair_attention = trial % 2 == 1  # qorpo.attention: the collator's attention cost is 0
+        # qorpo.kernels: with per-pair kernels or FlexAttention the attention cost is 0
+        kernel = (None, "qorpo_pairs", "flex_attention")[trial % 3]
         batch = build_batch([([1] * p, [2] * c, [3] * r) for p, c, r in pairs], layout,
                             pad_to_multiple_of=8,
-                            attention_cost=0.0 if pair_attention else 1 / (6 * hidden))
-        work = workload(pairs, layout, hidden=hidden, pair_attention=pair_attention)
+                            attention_cost=0.0 if kernel else 1 / (6 * hidden))
+        work = workload(pairs, layout, hidden=hidden, kernel=kernel)
         assert (work.rows, work.length) == tuple(batch.input_ids.shape), (trial, pairs)
+        # FlexAttention gets a BlockMask, never the dense (R, 1, L, L) mask the others get
+        if layout != "padded":  # (padded rows: the model builds its own mask, any kernel)
+            assert work.mask == (kernel != "flex_attention"), (trial, kernel)
+        assert work.pair_attention == (kernel == "qorpo_pairs" and layout != "padded")
 
 
 def test_plan_says_what_to_turn_when_it_does_not_fit():
@@ -128,7 +133,7 @@ def test_cpu_pins_glibc_only_when_its_default_could_outgrow_the_ram():
         cap = None if room is None else Capacity("cpu", room, "available RAM")
         return plan(SMOL, assumed_lengths(1024) * 2, device="cpu", batch_size=2,
                     layout="packed", max_length=1024, max_prompt_length=512, capacity=cap,
-                    low_cpu_memory=low, checkpointing=ckpt, pair_attention=True)
+                    low_cpu_memory=low, checkpointing=ckpt, kernel="qorpo_pairs")
 
     ref = cpu_plan(None)
     live, bound = ref.peak.total, ref.default_bound

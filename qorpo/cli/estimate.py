@@ -33,7 +33,7 @@ def estimate_command(
     """How much memory a run needs before you have data: worst-case pairs of --max-length."""
 
     def work() -> None:
-        from qorpo.attention import applies
+        from qorpo.kernels import planned
         from qorpo.memory.plan import (
             assumed_lengths,
             detect_capacity,
@@ -61,9 +61,9 @@ def estimate_command(
                    batch_size=batch_size, layout=layout, max_length=max_length,
                    max_prompt_length=max_length // 2, lora_r=lora_r, capacity=capacity,
                    low_cpu_memory=low_cpu_memory, allocator=allocator(),
-                   pair_attention=applies(dev, layout, None))
+                   kernel=planned(dev, layout, None))
         best = largest_fits(shape, capacity, layout=layout, lora_r=lora_r,
-                            pair_attention=applies(dev, layout, None)) if capacity else {}
+                            kernel=planned(dev, layout, None)) if capacity else {}
         if json_out:
             print(json.dumps({"model": model, **est.to_json(), "largest": best}))
             return

@@ -65,7 +65,8 @@ class Workload(NamedTuple):
     rows: int  # R: 2 per pair (padded), 1 per pair (shared), fewer (packed)
     length: int  # L: positions per row, padding included
     scored: int  # N: tokens the loss projects to the vocabulary
-    mask: bool  # a 4-D (R, 1, L, L) attention mask is built (always, unless no padding)
+    mask: bool  # a dense 4-D (R, 1, L, L) mask is built (unless nothing is padded, or a
+    #             FlexAttention BlockMask replaces it)
     pair_attention: bool = False  # qorpo.attention's per-pair kernels (CPU): no float mask
 
     @property

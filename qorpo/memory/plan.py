@@ -78,14 +78,17 @@ def _round(n: int) -> int:
 
 
 def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = False,
-             hidden: int | None = None, pair_attention: bool = False) -> Workload:
+             hidden: int | None = None, kernel: str | None = None) -> Workload:
     """The micro-batch these pairs make in `layout` (rows x length as qorpo.data.collate
     builds them, packed rows as long as its choose_capacity makes them for a model of width
-    `hidden`, or with qorpo.attention's per-pair kernels; the mask is a 4-D (R, 1, L, L)
-    boolean tensor unless nothing is padded)."""
+    `hidden`). `kernel`: qorpo.kernels.planned — a kernel that skips masked blocks lets pairs
+    share a row for free; FlexAttention needs no dense (R, 1, L, L) mask, every other kernel
+    gets one unless nothing is padded."""
+    from qorpo.attention import NAME as PAIR_ATTENTION
     from qorpo.data.collate import DEFAULT_ATTENTION_COST, choose_capacity, pack_rows
 
     scored = sum(c + r + (p - 1 if sft_on_prompt else 0) for p, c, r in pairs)
+    sparse = layout != "padded" and kernel in (PAIR_ATTENTION, "flex_attention")
     if layout == "padded":
         used = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
         rows, length = len(used), _round(max(used))
@@ -94,13 +97,13 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
         if layout == "shared":
             rows, length = len(shared), _round(max(shared))
         else:
-            cost = 0.0 if pair_attention else (1 / (6 * hidden) if hidden
-                                                else DEFAULT_ATTENTION_COST)
+            cost = 0.0 if sparse else (1 / (6 * hidden) if hidden else DEFAULT_ATTENTION_COST)
             packed = pack_rows(shared, choose_capacity(shared, ROUND_TO, cost))
             rows, length = len(packed), _round(max(sum(shared[i] for i in r) for r in packed))
     padded = layout == "padded" and rows * length == sum(used)
-    return Workload(rows, length, scored, mask=not padded,
-                    pair_attention=pair_attention and layout != "padded")
+    flex = sparse and kernel == "flex_attention"
+    return Workload(rows, length, scored, mask=not padded and not flex,
+                    pair_attention=sparse and kernel == PAIR_ATTENTION)
 
 
 def batches(lengths: Sequence[Lengths], batch_size: int) -> tuple[list[Lengths], list[Lengths]]:
@@ -165,7 +168,7 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
          layout: str, max_length: int, max_prompt_length: int, lora_r: int = 16,
          chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool | None = None,
          sft_on_prompt: bool = False, lora_dropout: bool = True,
-         capacity: Capacity | None = None, pair_attention: bool = False,
+         capacity: Capacity | None = None, kernel: str | None = None,
          allocator: str = "glibc") -> RunEstimate:
     """The run's estimate on `device`, and — when `capacity` is known and it does not fit —
     what each knob would give, cheapest first. On the CPU also whether glibc's thresholds are
@@ -179,14 +182,14 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
         kw |= {k: v for k, v in over.items() if k != "batch_size" and k != "layout"}
         peak_pairs, _ = batches(lens, over.get("batch_size", batch_size))
         work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt,
-                        hidden=shape.hidden, pair_attention=pair_attention)
+                        hidden=shape.hidden, kernel=kernel)
         return estimate(shape, workload=work, **kw)
 
     peak = est(lengths)
     _, median = batches(lengths, batch_size)
     typical = estimate(shape, workload=workload(median, layout, sft_on_prompt=sft_on_prompt,
                                                 hidden=shape.hidden,
-                                                pair_attention=pair_attention),
+                                                kernel=kernel),
                        lora_r=lora_r, chunk_size=chunk_size, device=device,
                        lora_dropout=lora_dropout, checkpointing=checkpointing)
     knobs: list[Knob] = []
@@ -251,13 +254,13 @@ def allocator_bound(shape: ModelShape, live: MemoryEstimate, unchecked: MemoryEs
 
 
 def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed",
-                 pair_attention: bool = False, **kwargs: Any) -> dict[str, int]:
+                 kernel: str | None = None, **kwargs: Any) -> dict[str, int]:
     """Without data: the longest max_length (batch 1) and the largest batch (at 1,024 tokens)
     whose worst-case estimate fits (on the CPU: with the thresholds pinned where needed)."""
 
     def fits(max_length: int, batch: int) -> bool:
         lens = assumed_lengths(max_length) * batch
-        work = workload(lens, layout, hidden=shape.hidden, pair_attention=pair_attention)
+        work = workload(lens, layout, hidden=shape.hidden, kernel=kernel)
         return estimate(shape, workload=work, device=capacity.device,
                         **kwargs).total <= capacity.bytes
 

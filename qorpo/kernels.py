@@ -1,0 +1,189 @@
+"""Which attention kernel a shared/packed run uses, and the check that it trains on this device.
+
+A masked SDPA call computes every block of a row and then masks it; in qorpo's layouts that is
+the upper triangle, rejected queries against chosen keys and, in a packed row, every pair
+against every other. Where it can, qorpo runs a kernel that skips those blocks instead:
+
+* CPU: qorpo.attention's per-pair SDPA calls (`qorpo_pairs`), measured 1.2-1.3x per step.
+* CUDA: FlexAttention with a BlockMask (`flex_attention`, Triton kernels compiled by
+  torch.compile on first use). The mask is a few bytes per 128 x 128 block instead of a dense
+  rows x length^2 tensor, and the kernels skip the blocks it rules out.
+
+FlexAttention is preferred, not assumed: its backward kernel does not compile on every GPU
+(e.g. it needs more shared memory per block than RTX 3090/4090/A10G-class cards have at some
+head sizes: pytorch/pytorch#133254, #198224). So before the run starts, `choose` runs one
+forward and backward of a tiny packed batch through the model as it will train (compiling
+both kernels, once), compares the layout's hidden states with the padded layout's, and falls
+back to `sdpa` with one line saying why if anything fails. Asked for explicitly
+(`--attn-implementation flex_attention`) a failure is an error instead.
+
+`planned` is the same decision before any weight is loaded, for the memory estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from qorpo.attention import NAME as PAIR_ATTENTION
+from qorpo.attention import use_pair_attention
+from qorpo.data.collate import build_batch
+from qorpo.errors import ModelError
+from qorpo.forward import (
+    PROBE_ROW_TOKENS,
+    attn_implementation,
+    hidden_states,
+    probe_layout,
+    probe_pairs,
+)
+from qorpo.model import unwrap
+from qorpo.quant import fsdp_active
+
+FLEX = "flex_attention"
+
+
+class KernelChoice(NamedTuple):
+    name: str  # the attention implementation the model runs now
+    note: str | None  # one line for the user (what was chosen, or why not), or None
+    fell_back: bool = False  # the planned kernel could not be used here
+
+
+def skips_masked_blocks(implementation: str | None) -> bool:
+    """Whether this attention implementation skips the blocks a layout's mask rules out
+    (pairs sharing a packed row then cost no attention for each other)."""
+    return implementation in (PAIR_ATTENTION, FLEX)
+
+
+def flex_available() -> bool:
+    """torch and transformers both have FlexAttention (torch >= 2.5, not on TPU)."""
+    from transformers.utils import is_torch_flex_attn_available
+
+    return bool(is_torch_flex_attn_available())
+
+
+def planned(device: str, layout: str, requested: str | None) -> str | None:
+    """Before loading: the block-skipping kernel a run on `device` will use (PAIR_ATTENTION or
+    FLEX), or None when the model's own masked kernel runs. `requested`: --attn-implementation
+    (None: qorpo's choice). The run itself may still fall back (see `choose`)."""
+    if layout == "padded":
+        return None
+    if device == "cpu":  # the per-pair kernels are sdpa underneath
+        return PAIR_ATTENTION if requested in (None, "sdpa") else None
+    if requested == FLEX:
+        return FLEX
+    # Under FSDP the model reaches the GPU only when the Trainer wraps it, after `choose`
+    # would have to check the kernels: not preferred there (asked for, it is used unchecked).
+    if device == "cuda" and requested is None and flex_available() and not fsdp_active():
+        return FLEX
+    return None
+
+
+def choose(model: nn.Module, device: str, layout: str, requested: str | None) -> KernelChoice:
+    """Switch a loaded (peft-wrapped) model to the kernel `planned` names, after checking that
+    it trains here. Returns the implementation it runs and a line to print."""
+    base = unwrap(model)
+    current = attn_implementation(model)
+    kernel = planned(device, layout, requested)
+    if kernel == PAIR_ATTENTION:
+        use_pair_attention(base)
+        return KernelChoice(attn_implementation(model), None)
+    if kernel != FLEX:
+        return KernelChoice(current, None)
+    if requested == FLEX:  # loaded with it; a failure is the user's explicit choice: an error
+        if fsdp_active():
+            return KernelChoice(FLEX, "FlexAttention is used unchecked under FSDP (the model "
+                                "reaches the GPU only when FSDP wraps it)")
+        problem = _flex_problem(model, layout)
+        if problem:
+            raise ModelError(f"--attn-implementation flex_attention: {problem}. Leave "
+                             "--attn-implementation empty (qorpo then falls back to sdpa) or "
+                             "pass sdpa.")
+        return KernelChoice(FLEX, None)
+    if current != "sdpa":  # e.g. a model without sdpa support: leave it alone
+        return KernelChoice(current, None)
+    try:
+        base.set_attn_implementation(FLEX)
+    except (ValueError, ImportError, AttributeError) as exc:  # no flex support in this class
+        return KernelChoice(current, f"FlexAttention is not available for {type(base).__name__} "
+                            f"({_first_line(exc)}); the {layout} layout runs on sdpa with a "
+                            "dense mask", fell_back=True)
+    problem = _flex_problem(model, layout)
+    if problem:
+        base.set_attn_implementation(current)
+        return KernelChoice(current, f"FlexAttention {problem}; the {layout} layout runs on "
+                            "sdpa with a dense mask", fell_back=True)
+    return KernelChoice(FLEX, f"attention: FlexAttention block mask for the {layout} layout "
+                        "(its kernels compiled and checked against the padded layout)")
+
+
+def _flex_problem(model: nn.Module, layout: str) -> str | None:
+    """Why FlexAttention cannot train this model here, or None: one forward and backward of a
+    tiny packed batch (compiles both kernels), then the layout probe against padded rows."""
+    try:
+        train_step_runs(model)
+        err, tol = probe_layout(model, layout)  # type: ignore[arg-type]
+    except Exception as exc:  # a kernel that does not compile (Triton resources), no backward
+        return f"failed to run a training step on this device: {_first_line(exc)}"
+    if not err <= tol:  # also catches NaN
+        return f"gave hidden states {err:.2g} away from the padded layout's (tolerance {tol:g})"
+    return None
+
+
+def train_step_runs(model: nn.Module) -> int:
+    """One forward and backward of the probe's pairs, packed, in training mode (gradient
+    checkpointing and dropout as in the run). The gradients are returned by autograd.grad, not
+    accumulated into .grad, and the RNG state is restored: the run is unchanged by it.
+    Returns how many trainable tensors got a gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("the model has no trainable parameters")
+    device = params[0].device
+    batch = build_batch(probe_pairs(model), "packed", pad_token_id=0,
+                        max_row_tokens=PROBE_ROW_TOKENS).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            _training(model):
+        h = hidden_states(model, batch)  # (R, L, H)
+        grads = torch.autograd.grad(h.float().square().mean(), params, allow_unused=True)
+    got = [g for g in grads if g is not None]
+    if not all(bool(torch.isfinite(g).all()) for g in got):
+        raise ModelError("the backward gave non-finite gradients")
+    return len(got)
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def for_generation(model: nn.Module) -> Iterator[None]:
+    """sdpa while generating: FlexAttention's compiled kernels would recompile for the decode
+    steps' shapes, and the per-pair kernels are sdpa without pair boundaries anyway."""
+    base = unwrap(model)
+    current = attn_implementation(model)
+    if current != FLEX:
+        yield
+        return
+    try:
+        base.set_attn_implementation("sdpa")
+    except (ValueError, ImportError):  # no sdpa in this class: generate through flex
+        yield
+        return
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:240].rstrip(".") if text else type(exc).__name__
