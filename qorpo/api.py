@@ -369,9 +369,11 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:
     """Greedy reply to one user turn with the adapter on or off (before/after, one model)."""
+    from qorpo.forward import mixed_precision
     from qorpo.hf import greedy_reply
     from qorpo.kernels import for_generation
 
+    # mixed_precision: outside the Trainer a 16-bit QLoRA model needs autocast (fp32 norms)
     with contextlib.nullcontext() if adapter else model.disable_adapter(), \
-            for_generation(model):
+            for_generation(model), mixed_precision(model):
         return greedy_reply(model, tokenizer, prompt).text

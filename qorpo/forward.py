@@ -52,6 +52,20 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def mixed_precision(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The autocast the Trainer runs the model under (accelerate's bf16/fp16 mixed precision),
+    for forwards outside it (the start-up checks). A 16-bit run mixes dtypes on purpose:
+    prepare_model_for_kbit_training keeps the norms in fp32 and peft the LoRA weights, so the
+    hidden states leave the first norm in fp32 while the embedding and the head stay 16-bit;
+    without autocast the head's matmul fails (fp32 input, bf16 weight). The compute dtype is
+    the input embedding's (qorpo.model.add_lora puts it there); fp32 runs get no autocast."""
+    emb = unwrap(model).get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(weight.device.type, dtype=weight.dtype)
+
+
 def _text_config(model: nn.Module) -> Any:
     cfg = unwrap(model).config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -231,7 +245,7 @@ def probe_layout(model: nn.Module, layout: Layout) -> tuple[float, float]:
     ref = build_batch(pairs, "padded", **kw).to(device)
     got = build_batch(pairs, layout, max_row_tokens=PROBE_ROW_TOKENS, **kw).to(device)
     keep_4bit_differentiable(model)  # before any eval-mode no-grad forward (see qorpo.quant)
-    with evaluating(model):
+    with evaluating(model), mixed_precision(model):
         h_ref = hidden_states(model, ref)
         h_got = hidden_states(model, got)
     tol = 1e-4 if h_ref.dtype == torch.float32 else 3e-2
@@ -271,7 +285,7 @@ def parity_check(model: nn.Module, pairs: list[Pair], layout: Layout, pad_token_
     padded = build_batch(pairs, "padded", pad_token_id=pad_token_id,
                          sft_on_prompt=True).to(device)
     keep_4bit_differentiable(model)
-    with evaluating(model):
+    with evaluating(model), mixed_precision(model):
         full = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask(),
                      use_cache=False)
         spec = padded.spec

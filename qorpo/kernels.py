@@ -37,6 +37,7 @@ from qorpo.forward import (
     PROBE_ROW_TOKENS,
     attn_implementation,
     hidden_states,
+    mixed_precision,
     probe_layout,
     probe_pairs,
 )
@@ -145,7 +146,7 @@ def train_step_runs(model: nn.Module) -> int:
     batch = build_batch(probe_pairs(model), "packed", pad_token_id=0,
                         max_row_tokens=PROBE_ROW_TOKENS).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            _training(model):
+            _training(model), mixed_precision(model):
         h = hidden_states(model, batch)  # (R, L, H)
         grads = torch.autograd.grad(h.float().square().mean(), params, allow_unused=True)
     got = [g for g in grads if g is not None]

@@ -42,6 +42,10 @@ def _native_bf16() -> bool:
 def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     """auto: bf16 where the GPU has it, fp16 on older GPUs (T4/V100), fp32 on CPU."""
     if requested != "auto":
+        if device.type == "cpu" and requested == "fp16":  # accelerate: no fp16 autocast on CPU
+            raise ConfigError(["--dtype fp16 trains only on a CUDA GPU (fp16 mixed precision, "
+                               "autocast and loss scaling, is GPU-only in transformers' "
+                               "Trainer); on the CPU use fp32 (the default) or bf16"])
         if device.type == "cpu" and requested != "fp32":
             return DtypeChoice(DTYPES[requested], requested,
                                f"asked for {requested}; note: emulated and slow on CPU")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qorpo.config import TrainConfig
+from qorpo.errors import ConfigError
 from qorpo.forward import parity_check
 from qorpo.loss import OutputHead
 from qorpo.model import (
@@ -21,10 +22,24 @@ from tests.tiny import make_model
 CPU = torch.device("cpu")
 
 
-def load(path, quant="4bit"):
+def load(path, quant="4bit", dtype=torch.float32):
     cfg = TrainConfig(model=str(path), quant=quant)
-    model = load_base_model(cfg, torch.float32, CPU)
-    return add_lora(model, cfg, torch.float32)
+    model = load_base_model(cfg, dtype, CPU)
+    return add_lora(model, cfg, dtype)
+
+
+def test_16bit_qlora_generates_outside_the_trainer(tmp_path):
+    """The demo's before/after replies run outside the Trainer's autocast: a bf16 QLoRA model
+    (fp32 norms, bf16 head) must still generate, with the adapter on and off."""
+    from transformers import AutoTokenizer
+
+    from qorpo.api import generate
+
+    path = make_model(tmp_path / "m", arch="llama")
+    model = load(path, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    for adapter in (False, True):
+        assert isinstance(generate(model, tokenizer, "hello there", adapter=adapter), str)
 
 
 def tokens(vocab=320, rows=2, t=11):
@@ -88,6 +103,8 @@ def test_dtype_choice_on_cpu_is_fp32():
     choice = choose_dtype("auto", CPU)
     assert choice.dtype == torch.float32 and "CPU" in choice.reason
     assert choose_dtype("bf16", CPU).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="--dtype fp16 trains only on a CUDA GPU"):
+        choose_dtype("fp16", CPU)  # the Trainer has no fp16 autocast there: it would crash
 
 
 def test_lora_targets_all_linear_but_head(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -135,6 +136,27 @@ def test_dry_run_loads_no_weights(workdir, monkeypatch):
     monkeypatch.setattr(qm, "load_base_model", lambda *a, **k: pytest.fail("loaded weights"))
     res = train(**base_kwargs(model, data, root / "dry"), dry_run=True)
     assert res.metrics["steps"] == 12  # 48 pairs / 2 per batch / 2 accum
+
+
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_bf16_run_passes_its_start_up_checks_and_trains(workdir, quant, capsys):
+    """bf16 (what a GPU run gets by default; emulated on the CPU) mixes dtypes on purpose: fp32
+    norms and LoRA weights next to a bf16 embedding and head. The Trainer runs the model under
+    autocast; the start-up checks (layout probe, parity check) must too, or the head's matmul
+    fails on fp32 hidden states, the layout silently falls back to padded and the parity check
+    crashes."""
+    root, model, data = workdir
+    out = root / f"bf16-{quant}"
+    res = train(**base_kwargs(model, data, out, max_steps=2, dtype="bf16", quant=quant,
+                              lora_dropout=0.05, eval_fraction=0.25))
+    printed = capsys.readouterr().out
+    assert "Parity check passed" in printed and "packed layout scores them" in printed
+    assert "prefix sharing off" not in printed  # the probe passed: no fallback to padded
+    assert math.isfinite(res.metrics["train_loss"])
+    assert math.isfinite(res.eval_before["eval_loss"]) and math.isfinite(res.metrics["eval_loss"])
+    weights = adapter_weights(out)
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
 
 
 # ----------------------------------------------------------------------------- learning
