@@ -137,28 +137,33 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
 
     from qorpo.data.collate import pairs_from_features
     from qorpo.forward import parity_check, supports_layout
-    from qorpo.kernels import FLEX, choose, planned
+    from qorpo.kernels import FLEX, agree, choose, planned
     from qorpo.model import add_lora, load_base_model
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
         model = load_base_model(cfg, dtype.dtype, device)
         model = add_lora(model, cfg, dtype.dtype)
-    layout = cfg.layout
+    layout, fell_back = cfg.layout, False
     if layout != "padded":
         support = supports_layout(model, layout, max_seq_len=cfg.max_length)
         if not support.ok:
             console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                           f"{support.reason}; using the padded layout")
-            layout = "padded"
+            layout, fell_back = "padded", True
         else:  # a kernel that skips the masked blocks (qorpo.kernels); the parity check below
             kernel = planned(device.type, layout, cfg.attn_implementation)  # compares it too
             with (console.status("Compiling FlexAttention's kernels and checking them…")
                   if kernel == FLEX else contextlib.nullcontext()):
-                choice = choose(model, device.type, layout, cfg.attn_implementation)
+                choice = agree(choose(model, device.type, layout, cfg.attn_implementation),
+                               model)
             if choice.note:
                 console.print(f"[yellow]note:[/] {choice.note}" if choice.fell_back
                               else choice.note)
+            fell_back = choice.fell_back
+    if fell_back:  # the summary compares the measured peak with what really runs
+        memory = memory_estimate(dataclasses.replace(cfg, low_cpu_memory=memory.low_cpu_memory),
+                                 data, device.type, runs_as=(layout, None))
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
@@ -232,9 +237,12 @@ def attention_cost(model: torch.nn.Module) -> float:
     return 1 / (6 * int(hidden))
 
 
-def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
+def memory_estimate(cfg: TrainConfig, data: Any, device: str,
+                    runs_as: tuple[str, str | None] | None = None) -> Any:
     """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
-    real token lengths, the layout; on a `--gpu-memory` card if given, else on this device."""
+    real token lengths, the layout; on a `--gpu-memory` card if given, else on this device.
+    `runs_as`: the (layout, kernel) the loaded model really runs, where it fell back from the
+    planned ones (qorpo.kernels.planned)."""
     from qorpo.kernels import planned
     from qorpo.memory.plan import detect_capacity, gpu_capacity, model_shape, pair_lengths, plan
 
@@ -242,15 +250,15 @@ def memory_estimate(cfg: TrainConfig, data: Any, device: str) -> Any:
         device, capacity = "cuda", gpu_capacity(cfg.gpu_memory)
     else:
         capacity = detect_capacity(device)
+    layout, kernel = runs_as or (cfg.layout, planned(device, cfg.layout, cfg.attn_implementation))
     return plan(model_shape(cfg.model, cfg.revision, cfg.trust_remote_code),
                 pair_lengths(data.train), device=device, batch_size=cfg.batch_size,
-                layout=cfg.layout, max_length=cfg.max_length,
+                layout=layout, max_length=cfg.max_length,
                 max_prompt_length=cfg.resolved_max_prompt_length, lora_r=cfg.lora_r,
                 chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
                 low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
                 lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
-                kernel=planned(device, cfg.layout, cfg.attn_implementation),
-                allocator=allocator())
+                kernel=kernel, allocator=allocator())
 
 
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from qorpo.attention import NAME as PAIR_ATTENTION
 from qorpo.attention import pair_spans
-from qorpo.data.collate import CHOSEN, LAYOUTS, REJECTED, Batch, Layout, Pair, build_batch
+from qorpo.data.collate import CHOSEN, LAYOUTS, PAD, REJECTED, Batch, Layout, Pair, build_batch
 from qorpo.errors import ModelError
 from qorpo.loss import chunked_token_logps
 from qorpo.model import final_hidden_states, output_head, supports_logits_to_keep, unwrap
@@ -106,21 +106,89 @@ def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
                                batch.position_ids, **extra)
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block (query and key/value tiles)
+
+
 def flex_block_mask(batch: Batch) -> BlockMask:
     """A FlexAttention BlockMask for a shared/packed batch, on the batch's device.
 
-    Built from the (R, L) `segment_ids`/`part` only, never the dense mask. transformers'
-    flex_attention_forward uses a BlockMask passed as `attention_mask` directly (a tensor
-    mask there is ADDED to the scores as a float `score_mod`). One per micro-batch: every
-    layer, and the recomputation under gradient checkpointing, get the same object.
+    Built from the (R, L) `segment_ids`/`part` only, in O(R · (L/128)²) memory: torch's
+    create_block_mask (uncompiled) would evaluate the mask_mod on the dense (R, L, L) grid,
+    with int64 intermediates — 8 bytes per (query, key), more than the dense bool mask this
+    replaces. `flex_blocks` classifies the 128 × 128 tiles instead (tests/test_flex.py checks
+    it against create_block_mask). transformers' flex_attention_forward takes a BlockMask passed
+    as `attention_mask` directly (a tensor there is ADDED to the scores as a float score_mod).
+    One per micro-batch: every layer, and the recomputation under gradient checkpointing, get
+    the same object.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     seg, part = batch.segment_ids, batch.part.long()
-    rows, length = seg.shape
-    mask_mod = flex_mask_mod(seg, part)
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length,
-                             device=seg.device)
+    length = seg.shape[1]
+    partial, full = flex_blocks(seg, part, FLEX_BLOCK)  # (R, nQ, nK) each
+
+    def as_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per query tile: how many key tiles, and their indices first (the rest is unused)
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+        return blocks.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = as_indices(partial)  # (R, 1, nQ), (R, 1, nQ, nK)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=flex_mask_mod(seg, part),
+                                    seq_lengths=(length, length))
+
+
+def flex_blocks(segment_ids: torch.Tensor, part: torch.Tensor,
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full): (R, nQ, nK) bool tiles of the may-attend rule of `Batch.dense_mask`.
+    A tile is empty when no query in it may see a key in it, full when every one may, partial
+    otherwise (the kernel evaluates the mask_mod there and skips empty tiles).
+
+    Exact, from per-tile ranges of run numbers: segments are contiguous runs of a row (tail
+    padding its own segment), numbered here in row order, and each has at least one prompt,
+    chosen and rejected token, so the runs of one part that a tile holds are a contiguous range
+    too. Below the diagonal
+    every key precedes every query: a tile pair is non-empty when non-rejected queries share a
+    segment with any key, or rejected queries with a non-chosen key. A diagonal tile always is
+    (each token sees itself)."""
+    rows, length = segment_ids.shape
+    n = -(-length // block)
+    extra = n * block - length  # the last tile's missing positions repeat the last column
+    # number the runs of each row in order (segment ids are pair numbers, in any order)
+    runs = torch.cat([torch.zeros_like(segment_ids[:, :1]),
+                      (segment_ids[:, 1:] != segment_ids[:, :-1]).long()], 1).cumsum(1)
+    seg = torch.cat([runs, runs[:, -1:].expand(rows, extra)], 1).view(rows, n, block)
+    prt = torch.cat([part, part[:, -1:].expand(rows, extra)], 1).view(rows, n, block)
+    pad, rej, cho = prt == PAD, prt == REJECTED, prt == CHOSEN
+    big = torch.iinfo(seg.dtype).max
+
+    def span(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (R, n) each; lo > hi
+        return (seg.masked_fill(~where, big).amin(-1),  # when the tile has no such token
+                seg.masked_fill(~where, -big).amax(-1))
+
+    def overlap(q: tuple[torch.Tensor, torch.Tensor],
+                k: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # (R, nQ, nK)
+        return (q[0][:, :, None].maximum(k[0][:, None, :])
+                <= q[1][:, :, None].minimum(k[1][:, None, :]))
+
+    real = ~pad
+    has_pad = pad.any(-1)
+    below = overlap(span(real & ~rej), span(real)) | overlap(span(rej), span(real & ~cho))
+    below |= has_pad[:, :, None] & has_pad[:, None, :]  # padding sees padding
+    idx = torch.arange(n, device=seg.device)
+    lower = idx[:, None] > idx[None, :]  # (nQ, nK): every key before every query
+    nonempty = (below & lower) | torch.eye(n, dtype=torch.bool, device=seg.device)
+    # full: one segment in both tiles (the same one), no rejected query and chosen key, below
+    # the diagonal, and no position past the end
+    first = seg[..., 0]  # (R, n)
+    single = (seg == first[..., None]).all(-1)
+    whole = torch.ones(n, dtype=torch.bool, device=seg.device)
+    whole[-1] = extra == 0
+    full = (lower & whole[:, None] & whole[None, :]
+            & single[:, :, None] & single[:, None, :] & (first[:, :, None] == first[:, None, :])
+            & ~(rej.any(-1)[:, :, None] & cho.any(-1)[:, None, :]))
+    return nonempty & ~full, full
 
 
 def flex_mask_mod(segment_ids: torch.Tensor, part: torch.Tensor) -> Any:
@@ -227,14 +295,15 @@ PROBE_SHAPES = ((3, 2, 4), (1, 3, 1), (2, 1, 2))
 PROBE_ROW_TOKENS = 9 + 5
 
 
-def probe_pairs(model: nn.Module) -> list[Pair]:
-    """Made-up (prompt, chosen, rejected) token ids of PROBE_SHAPES, in the model's vocab."""
+def probe_pairs(model: nn.Module,
+                shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES) -> list[Pair]:
+    """Made-up (prompt, chosen, rejected) token ids of these shapes, in the model's vocab."""
     vocab = int(getattr(_text_config(model), "vocab_size", 0) or 0)
     if vocab < 2:
         raise ValueError("no vocab_size in the model config")
     gen = torch.Generator().manual_seed(1234)
     return [tuple(torch.randint(0, vocab, (n,), generator=gen).tolist() for n in shape)
-            for shape in PROBE_SHAPES]
+            for shape in shapes]
 
 
 def probe_layout(model: nn.Module, layout: Layout) -> tuple[float, float]:

@@ -12,10 +12,11 @@ against every other. Where it can, qorpo runs a kernel that skips those blocks i
 FlexAttention is preferred, not assumed: its backward kernel does not compile on every GPU
 (e.g. it needs more shared memory per block than RTX 3090/4090/A10G-class cards have at some
 head sizes: pytorch/pytorch#133254, #198224). So before the run starts, `choose` runs one
-forward and backward of a tiny packed batch through the model as it will train (compiling
-both kernels, once), compares the layout's hidden states with the padded layout's, and falls
-back to `sdpa` with one line saying why if anything fails. Asked for explicitly
-(`--attn-implementation flex_attention`) a failure is an error instead.
+forward and backward of a small packed batch through the model as it will train (compiling
+both kernels for rows like the run's), compares the layout's hidden states with the padded
+layout's, and falls back to `sdpa` with one line saying why if anything fails. Asked for
+explicitly (`--attn-implementation flex_attention`) a failure is an error instead. The
+processes of a launch agree (`agree`): one that falls back takes the others along.
 
 `planned` is the same decision before any weight is loaded, for the memory estimate.
 """
@@ -34,7 +35,6 @@ from qorpo.attention import use_pair_attention
 from qorpo.data.collate import build_batch
 from qorpo.errors import ModelError
 from qorpo.forward import (
-    PROBE_ROW_TOKENS,
     attn_implementation,
     hidden_states,
     mixed_precision,
@@ -45,6 +45,13 @@ from qorpo.model import unwrap
 from qorpo.quant import fsdp_active
 
 FLEX = "flex_attention"
+
+
+# The start-up training step's pairs: two packed rows of 160 tokens. At least 128 query
+# positions (shorter rows would compile FlexAttention's decoding kernel, not the training one),
+# not a multiple of 128 (a partial last tile, as most rows have), more than one row.
+CHECK_SHAPES = ((61, 37, 45), (9, 3, 5), (50, 30, 41), (7, 2, 6))
+CHECK_ROW_TOKENS = 160
 
 
 class KernelChoice(NamedTuple):
@@ -104,31 +111,64 @@ def choose(model: nn.Module, device: str, layout: str, requested: str | None) ->
                              "--attn-implementation empty (qorpo then falls back to sdpa) or "
                              "pass sdpa.")
         return KernelChoice(FLEX, None)
-    if current != "sdpa":  # e.g. a model without sdpa support: leave it alone
-        return KernelChoice(current, None)
+    if current != "sdpa":  # e.g. an eager-only model: it keeps its kernel and the dense mask
+        return KernelChoice(current, f"FlexAttention is tried only in place of sdpa; this model "
+                            f"runs {current}, with a dense mask for the {layout} layout",
+                            fell_back=True)
     try:
         base.set_attn_implementation(FLEX)
-    except (ValueError, ImportError, AttributeError) as exc:  # no flex support in this class
+    except Exception as exc:  # no flex support in this class (ValueError, ImportError, ...)
+        _set(base, current)  # a composite model may have switched part of itself
         return KernelChoice(current, f"FlexAttention is not available for {type(base).__name__} "
                             f"({_first_line(exc)}); the {layout} layout runs on sdpa with a "
                             "dense mask", fell_back=True)
+    if attn_implementation(model) != FLEX:  # transformers may decline with a warning only
+        _set(base, current)
+        return KernelChoice(current, f"{type(base).__name__} cannot switch to FlexAttention; "
+                            f"the {layout} layout runs on sdpa with a dense mask", fell_back=True)
     problem = _flex_problem(model, layout)
     if problem:
-        base.set_attn_implementation(current)
+        _set(base, current)
         return KernelChoice(current, f"FlexAttention {problem}; the {layout} layout runs on "
                             "sdpa with a dense mask", fell_back=True)
     return KernelChoice(FLEX, f"attention: FlexAttention block mask for the {layout} layout "
                         "(its kernels compiled and checked against the padded layout)")
 
 
+def agree(choice: KernelChoice, model: nn.Module) -> KernelChoice:
+    """Under torchrun / accelerate launch each process checks FlexAttention on its own GPU.
+    They should run one kernel, and only the main process prints: if any process could not use
+    FlexAttention, none does. Every process of a launch calls this (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return choice
+    device = next(model.parameters()).device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flex = torch.tensor([int(choice.name == FLEX)], device=device)
+    dist.all_reduce(flex, op=dist.ReduceOp.MIN)
+    if flex.item() or choice.name != FLEX:
+        return choice
+    _set(unwrap(model), "sdpa")
+    return KernelChoice("sdpa", "FlexAttention failed its start-up check in another process of "
+                        "this launch; every process runs sdpa with a dense mask", fell_back=True)
+
+
+def _set(base: nn.Module, implementation: str) -> None:
+    """Back to `implementation`, as far as the model lets itself be switched."""
+    with contextlib.suppress(Exception):
+        base.set_attn_implementation(implementation)
+
+
 def _flex_problem(model: nn.Module, layout: str) -> str | None:
     """Why FlexAttention cannot train this model here, or None: one forward and backward of a
-    tiny packed batch (compiles both kernels), then the layout probe against padded rows."""
+    small packed batch (compiles both kernels), then the layout probe against padded rows."""
     try:
         train_step_runs(model)
         err, tol = probe_layout(model, layout)  # type: ignore[arg-type]
     except Exception as exc:  # a kernel that does not compile (Triton resources), no backward
-        return f"failed to run a training step on this device: {_first_line(exc)}"
+        return f"failed its start-up training step: {_first_line(exc)}"
     if not err <= tol:  # also catches NaN
         return f"gave hidden states {err:.2g} away from the padded layout's (tolerance {tol:g})"
     return None
@@ -143,8 +183,8 @@ def train_step_runs(model: nn.Module) -> int:
     if not params:
         raise ModelError("the model has no trainable parameters")
     device = params[0].device
-    batch = build_batch(probe_pairs(model), "packed", pad_token_id=0,
-                        max_row_tokens=PROBE_ROW_TOKENS).to(device)
+    batch = build_batch(probe_pairs(model, CHECK_SHAPES), "packed", pad_token_id=0,
+                        max_row_tokens=CHECK_ROW_TOKENS, pad_to_multiple_of=8).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             _training(model), mixed_precision(model):
         h = hidden_states(model, batch)  # (R, L, H)

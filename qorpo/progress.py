@@ -110,12 +110,14 @@ def attention_line(cfg: TrainConfig, device: str) -> str:
     """The attention kernel this run plans (qorpo.kernels; the run may still fall back)."""
     from qorpo.attention import NAME as PAIR_ATTENTION
     from qorpo.kernels import FLEX, planned
+    from qorpo.quant import fsdp_active
 
     kernel = planned(device, cfg.layout, cfg.attn_implementation)
     if kernel == PAIR_ATTENTION:
-        return "per-pair SDPA calls: no masked block computed"
+        return "per-pair SDPA calls on rows of 256+ tokens: no masked block computed"
     if kernel == FLEX:
-        return "FlexAttention block mask: masked blocks skipped (compiled, checked at start-up)"
+        checked = "unchecked under FSDP" if fsdp_active() else "compiled, checked at start-up"
+        return f"FlexAttention block mask: masked blocks skipped ({checked})"
     return cfg.attn_implementation or "the model's default (sdpa where it has it)"
 
 

@@ -82,6 +82,53 @@ def test_flex_attention_passes_the_layout_probe(eager_flex):
         assert got.ok and "flex_attention" in got.reason and "probe matches" in got.reason
 
 
+def _tiles(mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) (R, nQ, nK) bool tiles of a BlockMask, from its kv index lists."""
+    def dense(num, idx):
+        rows, _, n = num.shape
+        out = torch.zeros(rows, n, idx.shape[-1], dtype=torch.bool)
+        for r in range(rows):
+            for q in range(n):
+                out[r, q, idx[r, 0, q, :int(num[r, 0, q])].long()] = True
+        return out
+
+    return (dense(mask.kv_num_blocks, mask.kv_indices),
+            dense(mask.full_kv_num_blocks, mask.full_kv_indices))
+
+
+def test_block_mask_tiles_equal_torchs_without_a_dense_mask(monkeypatch):
+    """qorpo.forward.flex_block_mask classifies 128 x 128 tiles from segment ranges; torch's
+    create_block_mask evaluates the mask_mod on every (query, key). Same empty, partial and
+    full tiles on random shared/packed batches (rows of 1-2.4k tokens, lengths that are not
+    multiples of 128, pairs numbered out of order in packed rows), and no dense grid built."""
+    import random
+
+    from qorpo.forward import flex_block_mask, flex_mask_mod
+
+    rng = random.Random(0)
+    batches = []
+    for _ in range(40):
+        pairs = [([5] * rng.randint(1, 300), [6] * rng.randint(1, 300), [7] * rng.randint(1, 300))
+                 for _ in range(rng.randint(1, 6))]
+        layout = rng.choice(["shared", "packed"])
+        batches.append(build_batch(pairs, layout, pad_token_id=0, max_row_tokens=(
+            rng.choice([None, 1500]) if layout == "packed" else None)))
+    refs = [flex.create_block_mask(flex_mask_mod(b.segment_ids, b.part.long()),
+                                   b.segment_ids.shape[0], None, b.segment_ids.shape[1],
+                                   b.segment_ids.shape[1], device="cpu") for b in batches]
+    monkeypatch.setattr(flex, "create_mask", lambda *a, **k: pytest.fail("dense mask built"))
+    monkeypatch.setattr(flex, "create_block_mask",
+                        lambda *a, **k: pytest.fail("dense mask built"))
+    kinds = torch.zeros(2)
+    for batch, ref in zip(batches, refs, strict=True):
+        got = flex_block_mask(batch)
+        (gp, gf), (rp, rf) = _tiles(got), _tiles(ref)
+        assert torch.equal(gp, rp) and torch.equal(gf, rf)
+        kinds += torch.tensor([float(gp.sum()), float(gf.sum())])
+        assert got.seq_lengths == ref.seq_lengths
+    assert kinds.min() > 0  # both partial and full tiles occurred
+
+
 def test_a_wrong_block_mask_is_caught(eager_flex, monkeypatch):
     """Guard on the test above: a BlockMask that lets rejected tokens see the chosen ones
     changes the rejected hidden states (so equality there is not vacuous)."""

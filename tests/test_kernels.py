@@ -9,6 +9,8 @@ the backward step replaced by the forward alone (marked where it is done).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_flex_that_cannot_train_here_falls_back_to_sdpa(eager_flex):  # noqa: F8
     assert choice.fell_back and choice.name == "sdpa"
     assert attn_implementation(model) == "sdpa"
     print(choice.note)
-    assert "FlexAttention failed to run a training step" in choice.note
+    assert "FlexAttention failed its start-up training step" in choice.note
     assert "backward" in choice.note and "sdpa with a dense mask" in choice.note
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated
     pairs = random_pairs(seed=3)
@@ -75,8 +77,8 @@ def test_flex_that_cannot_train_here_falls_back_to_sdpa(eager_flex):  # noqa: F8
 def test_flex_asked_for_but_unable_to_train_is_an_error(eager_flex):  # noqa: F811
     pytest.importorskip("torch.nn.attention.flex_attention")
     model = lora_model("llama", "flex_attention")
-    with pytest.raises(ModelError, match="--attn-implementation flex_attention: failed to run "
-                       "a training step on this device: .*backward") as err:
+    with pytest.raises(ModelError, match="--attn-implementation flex_attention: failed its "
+                       "start-up training step: .*backward") as err:
         choose(model, "cuda", "shared", "flex_attention")
     assert "pass sdpa" in str(err.value)
 
@@ -103,14 +105,101 @@ def test_flex_that_trains_is_chosen_and_generation_uses_sdpa(eager_flex, monkeyp
     assert attn_implementation(model) == FLEX
 
 
-def test_the_training_step_check_leaves_the_run_unchanged():
-    """train_step_runs (sdpa here: it has a CPU backward) computes gradients without
-    accumulating them, restores the RNG (dropout draws) and the model's mode."""
-    model = lora_model("llama", "sdpa", ckpt=True)
+def test_a_model_that_declines_the_switch_is_not_reported_as_flex(eager_flex, monkeypatch):  # noqa: F811
+    """transformers only logs a warning when a model cannot change its attention (remote
+    code): qorpo must notice, not report FlexAttention while the model still runs sdpa."""
+    model = lora_model("llama", "sdpa")
+    base = model.get_base_model()
+    monkeypatch.setattr(type(base), "_can_set_attn_implementation", classmethod(lambda c: False))
+    choice = choose(model, "cuda", "packed", None)
+    assert choice.fell_back and choice.name == "sdpa" == attn_implementation(model)
+    assert "cannot switch to FlexAttention" in choice.note
+
+
+def test_a_model_without_sdpa_keeps_its_kernel_and_says_so():
+    model = lora_model("llama", "eager")
+    choice = choose(model, "cuda", "shared", None)
+    assert choice.fell_back and choice.name == "eager" == attn_implementation(model)
+    assert "runs eager" in choice.note
+
+
+def test_the_training_step_check_leaves_the_run_unchanged(tmp_path):
+    """train_step_runs (sdpa here: it has a CPU backward) computes every LoRA gradient without
+    accumulating it, and restores the RNG (LoRA dropout draws from it) and the model's mode."""
+    from qorpo.config import TrainConfig
+    from qorpo.model import add_lora, load_base_model
+    from tests.tiny import make_model
+
+    path = make_model(tmp_path / "m", arch="llama")
+    cfg = TrainConfig(model=str(path), quant="4bit", lora_dropout=0.1)
+    model = add_lora(load_base_model(cfg, torch.float32, torch.device("cpu")), cfg,
+                     torch.float32)
     model.eval()
+    torch.manual_seed(3)
     rng = torch.random.get_rng_state()
     n_lora = sum(1 for n, p in model.named_parameters() if "lora_" in n)
     assert train_step_runs(model) == n_lora  # every LoRA tensor got its gradient
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
+    # guard: a training-mode forward does draw from the RNG (dropout masks), so the check
+    # above would fail without train_step_runs' fork of the RNG
+    model.train()
+    with torch.no_grad():
+        hidden_states(model, build_batch(random_pairs(seed=2), "packed", pad_token_id=2))
+    assert not torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_generation_gets_the_kernel_back_after_an_error(eager_flex):  # noqa: F811
+    model = lora_model("llama", "flex_attention")
+    with pytest.raises(RuntimeError, match="boom"), for_generation(model):
+        assert attn_implementation(model) == "sdpa"
+        raise RuntimeError("boom")
+    assert attn_implementation(model) == FLEX
+
+
+def _agree_worker(rank: int, init: str, results: str, path: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from qorpo.config import TrainConfig
+    from qorpo.kernels import KernelChoice, agree
+    from qorpo.model import add_lora, load_base_model
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        cfg = TrainConfig(model=path, quant="none")
+        model = add_lora(load_base_model(cfg, torch.float32, torch.device("cpu")), cfg,
+                         torch.float32)
+        if rank == 0:  # this process's check passed: the model runs FlexAttention
+            model.get_base_model().set_attn_implementation(FLEX)
+            mine = KernelChoice(FLEX, "attention: FlexAttention block mask")
+        else:  # this one's failed: it is back on sdpa
+            mine = KernelChoice("sdpa", "FlexAttention failed its start-up training step: x",
+                                fell_back=True)
+        got = agree(mine, model)
+        Path(results, f"{rank}.json").write_text(json.dumps(
+            {"name": got.name, "fell_back": got.fell_back, "note": got.note,
+             "runs": attn_implementation(model)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_of_a_launch_agree_on_the_kernel(tmp_path):
+    """One process whose FlexAttention check failed takes every process back to sdpa (and the
+    main process, the one that prints, says so)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.tiny import make_model
+
+    path = make_model(tmp_path / "m", arch="llama")
+    mp.spawn(_agree_worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path), str(path)),
+             nprocs=2)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [g["runs"] for g in got] == ["sdpa", "sdpa"]
+    assert [g["name"] for g in got] == ["sdpa", "sdpa"]
+    assert all(g["fell_back"] for g in got)
+    assert "another process" in got[0]["note"]

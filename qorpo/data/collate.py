@@ -20,8 +20,8 @@ last chosen token, which the rejected sequence must never see).
 
 Masks for ``shared``/``packed`` are not stored: a row's structure is two small (R, L) tensors
 (`segment_ids`, `part`) and the (R, 1, L, L) boolean mask is built from them where it is needed
-(`Batch.dense_mask`), after the cheap (R, L) transfer to the device. qorpo.attention decides
-which mask form the model's attention takes.
+(`Batch.dense_mask`), after the cheap (R, L) transfer to the device. qorpo.forward's
+model_attention_mask gives each attention kernel its form (qorpo.kernels chooses the kernel).
 """
 
 from __future__ import annotations
