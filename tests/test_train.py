@@ -138,17 +138,19 @@ def test_dry_run_loads_no_weights(workdir, monkeypatch):
     assert res.metrics["steps"] == 12  # 48 pairs / 2 per batch / 2 accum
 
 
-@pytest.mark.parametrize("quant", ["4bit", "none"])
-def test_bf16_run_passes_its_start_up_checks_and_trains(workdir, quant, capsys):
+@pytest.mark.parametrize(("quant", "optim"), [("4bit", "paged_adamw_8bit"),
+                                             ("none", "adamw_torch")])
+def test_bf16_run_passes_its_start_up_checks_and_trains(workdir, quant, optim, capsys):
     """bf16 (what a GPU run gets by default; emulated on the CPU) mixes dtypes on purpose: fp32
     norms and LoRA weights next to a bf16 embedding and head. The Trainer runs the model under
     autocast; the start-up checks (layout probe, parity check) must too, or the head's matmul
     fails on fp32 hidden states, the layout silently falls back to padded and the parity check
-    crashes."""
+    crashes. The 4-bit case is a GPU run's default configuration (bf16, NF4, 8-bit AdamW — not
+    paged on the CPU, bitsandbytes says so — packed), on the CPU."""
     root, model, data = workdir
     out = root / f"bf16-{quant}"
     res = train(**base_kwargs(model, data, out, max_steps=2, dtype="bf16", quant=quant,
-                              lora_dropout=0.05, eval_fraction=0.25))
+                              optim=optim, lora_dropout=0.05, eval_fraction=0.25))
     printed = capsys.readouterr().out
     assert "Parity check passed" in printed and "packed layout scores them" in printed
     assert "prefix sharing off" not in printed  # the probe passed: no fallback to padded
