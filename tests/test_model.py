@@ -42,6 +42,25 @@ def test_16bit_qlora_generates_outside_the_trainer(tmp_path):
         assert isinstance(generate(model, tokenizer, "hello there", adapter=adapter), str)
 
 
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_16bit_qlora_layout_probe_allows_for_16bit_compute(tmp_path, layout):
+    """A bf16 QLoRA model's final norm is fp32, so its hidden states come out fp32 while every
+    matmul ran in bf16. The layout probe's tolerance must follow the compute dtype: judged as
+    fp32 (1e-4), the packed layout's bf16 rounding (~4e-3) switched every GPU-default run
+    (bf16, NF4) back to the padded layout."""
+    from qorpo.forward import compute_dtype, probe_layout
+
+    path = make_model(tmp_path / "m", arch="llama")
+    model = load(path, dtype=torch.bfloat16)
+    assert compute_dtype(model) == torch.bfloat16
+    err, tol = probe_layout(model, layout)
+    assert tol == 3e-2 and err <= tol
+    fp32 = load(path, dtype=torch.float32)
+    assert compute_dtype(fp32) == torch.float32
+    err32, tol32 = probe_layout(fp32, layout)
+    assert tol32 == 1e-4 and err32 <= tol32
+
+
 def tokens(vocab=320, rows=2, t=11):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (rows, t), generator=gen)
