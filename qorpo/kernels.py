@@ -96,10 +96,7 @@ def choose(model: nn.Module, device: str, layout: str, requested: str | None) ->
     base = unwrap(model)
     current = attn_implementation(model)
     kernel = planned(device, layout, requested)
-    if kernel == PAIR_ATTENTION:
-        use_pair_attention(base)
-        return KernelChoice(attn_implementation(model), None)
-    if kernel != FLEX:
+    if kernel is None:
         return KernelChoice(current, None)
     if requested == FLEX:  # loaded with it; a failure is the user's explicit choice: an error
         if fsdp_active():
@@ -111,9 +108,17 @@ def choose(model: nn.Module, device: str, layout: str, requested: str | None) ->
                              "--attn-implementation empty (qorpo then falls back to sdpa) or "
                              "pass sdpa.")
         return KernelChoice(FLEX, None)
+    name = "FlexAttention" if kernel == FLEX else "Per-pair attention"
     if current != "sdpa":  # e.g. an eager-only model: it keeps its kernel and the dense mask
-        return KernelChoice(current, f"FlexAttention is tried only in place of sdpa; this model "
-                            f"runs {current}, with a dense mask for the {layout} layout",
+        return KernelChoice(current, f"{name} is tried only in place of sdpa; this model runs "
+                            f"{current}, with a dense mask for the {layout} layout",
+                            fell_back=True)
+    if kernel == PAIR_ATTENTION:
+        if use_pair_attention(base):
+            return KernelChoice(PAIR_ATTENTION, None)
+        _set(base, current)
+        return KernelChoice(current, f"{type(base).__name__} cannot switch to per-pair "
+                            f"attention; the {layout} layout runs on sdpa with a dense mask",
                             fell_back=True)
     try:
         base.set_attn_implementation(FLEX)

@@ -123,6 +123,16 @@ def test_a_model_without_sdpa_keeps_its_kernel_and_says_so():
     assert "runs eager" in choice.note
 
 
+def test_a_cpu_model_without_sdpa_is_not_reported_as_per_pair_attention():
+    """The per-pair kernels stand in for sdpa only: an eager model keeps eager and its dense
+    mask, and says so (fell_back: the run's estimate is redone without the per-pair kernels)."""
+    model = lora_model("llama", "eager")
+    choice = choose(model, "cpu", "packed", None)
+    assert choice.fell_back and choice.name == "eager" == attn_implementation(model)
+    assert "Per-pair attention is tried only in place of sdpa" in choice.note
+    assert "runs eager" in choice.note
+
+
 def test_the_training_step_check_leaves_the_run_unchanged(tmp_path):
     """train_step_runs (sdpa here: it has a CPU backward) computes every LoRA gradient without
     accumulating it, and restores the RNG (LoRA dropout draws from it) and the model's mode."""

@@ -88,9 +88,10 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
     gets one unless nothing is padded."""
     from qorpo.attention import NAME as PAIR_ATTENTION
     from qorpo.data.collate import DEFAULT_ATTENTION_COST, choose_capacity, pack_rows
+    from qorpo.kernels import FLEX, skips_masked_blocks
 
     scored = sum(c + r + (p - 1 if sft_on_prompt else 0) for p, c, r in pairs)
-    sparse = layout != "padded" and kernel in (PAIR_ATTENTION, "flex_attention")
+    sparse = layout != "padded" and skips_masked_blocks(kernel)
     if layout == "padded":
         used = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
         rows, length = len(used), _round(max(used))
@@ -103,7 +104,7 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
             packed = pack_rows(shared, choose_capacity(shared, ROUND_TO, cost))
             rows, length = len(packed), _round(max(sum(shared[i] for i in r) for r in packed))
     padded = layout == "padded" and rows * length == sum(used)
-    flex = sparse and kernel == "flex_attention"
+    flex = sparse and kernel == FLEX
     return Workload(rows, length, scored, mask=not padded and not flex,
                     pair_attention=sparse and kernel == PAIR_ATTENTION)
 
