@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ from qorpo.progress import (
     start_table,
     summary_table,
 )
+from qorpo.runs import RunError
 from qorpo.sysmem import allocator, pin_malloc_thresholds
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
@@ -81,35 +83,63 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         pin_malloc_thresholds()  # before anything large is allocated (see qorpo.sysmem)
     if cfg.model and Path(cfg.model).expanduser().exists():
         cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser()))
-    demo_run = is_demo(cfg)
-    if demo_run:
+    demo = is_demo(cfg)
+    if demo:
         console.print("[bold]No --model/--data given: running the offline demo "
                       "(SmolLM2-135M-Instruct on qorpo's demo preference set).[/]")
         cfg = apply_demo_defaults(cfg, console)
     elif cfg.model is None or cfg.data is None:
         raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
+    from qorpo.preflight import check_environment
 
-    # ---- setup: everything a user can get wrong is found here, before any weight is loaded
-    from accelerate import PartialState
-
-    from qorpo.data.prepare import prepare_data
-    from qorpo.model import (
-        check_attn_implementation,
-        choose_dtype,
-        device_of_process,
-        load_tokenizer,
-    )
+    check_environment(cfg)  # optimizer, scheduler, loggers, kernels: before anything loads
 
     # Under torchrun / accelerate launch this joins the process group now: ranks can then take
     # turns (rank 0 prepares the data first, e.g. fills the datasets cache) and only rank 0
     # prints and writes. A single process gets a trivial state.
+    from accelerate import PartialState
+
+    from qorpo.model import check_attn_implementation, device_of_process
+
     device = device_of_process()
     check_attn_implementation(cfg.attn_implementation, device)
     procs = PartialState(cpu=device.type == "cpu")  # (on CPU accelerate needs to be told)
     if not procs.is_main_process:
         console = Console(quiet=True)
     fp = runs.fingerprint(cfg)
-    cfg, plan = plan_run(cfg, fp)
+    with claim_output_dir(cfg, fp, main_process=procs.is_main_process) as claim:
+        ready = setup(claim, fp, device, procs, console, dry_run=dry_run, demo=demo)
+        if dry_run:
+            console.print(f"[green]Dry run: {len(ready.data.train)} pairs → {ready.steps} "
+                          "optimizer steps. No weights loaded.[/]")
+            return TrainResult(ready.plan.out_dir, {"steps": float(ready.steps)}, {}, [],
+                               ready.memory)
+        return fit(ready, build(ready, console), console)
+
+
+class Setup(NamedTuple):
+    """What is known before any weight loads: the run's config, folder, data and plan."""
+
+    cfg: TrainConfig
+    plan: runs.RunPlan
+    fp: dict[str, Any]
+    device: torch.device
+    procs: Any  # accelerate.PartialState
+    dtype: Any  # qorpo.model.DTypeChoice
+    tokenizer: Any
+    data: Any  # qorpo.data.prepare.PreparedData
+    steps: int
+    memory: Any  # qorpo.memory.plan.RunEstimate
+    demo: bool  # the offline demo: generations before and after are shown
+
+
+def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
+          console: Console, *, dry_run: bool = False, demo: bool = False) -> Setup:
+    """Everything a user can get wrong is found here, before any weight is loaded."""
+    from qorpo.data.prepare import prepare_data
+    from qorpo.model import choose_dtype, load_tokenizer
+
+    cfg, plan = claim
     dtype = choose_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg)
     with procs.main_process_first():
@@ -127,45 +157,36 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         console.print(f"[yellow]note:[/] {note}")
     if plan.resume_from is not None:
         console.print(f"Resuming from {plan.resume_from}")
-    if dry_run:
-        console.print(f"[green]Dry run: {len(data.train)} pairs → {steps} optimizer steps. "
-                      "No weights loaded.[/]")
-        return TrainResult(plan.out_dir, {"steps": float(steps)}, {}, [], memory)
+    return Setup(cfg, plan, fp, device, procs, dtype, tokenizer, data, steps, memory, demo)
 
-    # ---- build
+
+class Built(NamedTuple):
+    model: Any  # the peft model
+    layout: str  # what really runs: the planned layout, or padded after a fallback
+    memory: Any  # the estimate, redone for what really runs after a fallback
+
+
+def build(ready: Setup, console: Console) -> Built:
+    """Load the model, add LoRA, choose the layout and kernel, and check them."""
     from transformers import set_seed
 
     from qorpo.data.collate import pairs_from_features
-    from qorpo.forward import parity_check, supports_layout
-    from qorpo.kernels import FLEX, agree, choose, planned
+    from qorpo.forward import parity_check
+
+    cfg, dtype, device, data = ready.cfg, ready.dtype, ready.device, ready.data
     from qorpo.model import add_lora, load_base_model
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
         model = load_base_model(cfg, dtype.dtype, device)
         model = add_lora(model, cfg, dtype.dtype)
-    layout, fell_back = cfg.layout, False
-    if layout != "padded":
-        support = supports_layout(model, layout, max_seq_len=cfg.max_length)
-        if not support.ok:
-            console.print(f"[yellow]note:[/] prefix sharing off for this model — "
-                          f"{support.reason}; using the padded layout")
-            layout, fell_back = "padded", True
-        else:  # a kernel that skips the masked blocks (qorpo.kernels); the parity check below
-            kernel = planned(device.type, layout, cfg.attn_implementation)  # compares it too
-            with (console.status("Compiling FlexAttention's kernels and checking them…")
-                  if kernel == FLEX else contextlib.nullcontext()):
-                choice = agree(choose(model, device.type, layout, cfg.attn_implementation),
-                               model)
-            if choice.note:
-                console.print(f"[yellow]note:[/] {choice.note}" if choice.fell_back
-                              else choice.note)
-            fell_back = choice.fell_back
+    layout, fell_back = choose_layout(model, cfg, device, console)
+    memory = ready.memory
     if fell_back:  # the summary compares the measured peak with what really runs
         memory = memory_estimate(dataclasses.replace(cfg, low_cpu_memory=memory.low_cpu_memory),
                                  data, device.type, runs_as=(layout, None))
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
-    parity = parity_check(model, pairs, layout, tokenizer.pad_token_id or 0, dtype.dtype)
+    parity = parity_check(model, pairs, layout, ready.tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
     same = "" if layout == "padded" else f"; the {layout} layout scores them as padded does " \
         f"(to {parity.layout_diff:.1e})"
@@ -173,19 +194,74 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
                   f"{parity.max_abs_diff:.1e} over {parity.tokens} tokens{same}. LoRA: "
                   f"{trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%).")
+    return Built(model, layout, memory)
 
-    # ---- fit
+
+def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
+                  console: Console) -> tuple[str, bool]:
+    """The layout and attention kernel this model really runs: (layout, fell_back)."""
+    from qorpo.forward import supports_layout
+    from qorpo.kernels import FLEX, agree, choose, planned
+
+    layout = cfg.layout
+    if layout == "padded":
+        return layout, False
+    support = supports_layout(model, layout, max_seq_len=cfg.max_length)
+    if not support.ok:
+        console.print(f"[yellow]note:[/] prefix sharing off for this model — "
+                      f"{support.reason}; using the padded layout")
+        return "padded", True
+    # a kernel that skips the masked blocks (qorpo.kernels); the parity check compares it too
+    kernel = planned(device.type, layout, cfg.attn_implementation)
+    with (console.status("Compiling FlexAttention's kernels and checking them…")
+          if kernel == FLEX else contextlib.nullcontext()):
+        choice = agree(choose(model, device.type, layout, cfg.attn_implementation), model)
+    if choice.note:
+        console.print(f"[yellow]note:[/] {choice.note}" if choice.fell_back else choice.note)
+    return layout, choice.fell_back
+
+
+def fit(ready: Setup, built: Built, console: Console) -> TrainResult:
+    """Write the run's folder, train (saving what was learned on Ctrl-C / SIGTERM), evaluate,
+    and mark the run finished."""
+    cfg, plan, procs, data, model = ready.cfg, ready.plan, ready.procs, ready.data, built.model
     out_dir = plan.out_dir
-    trainer = build_trainer(cfg, model, tokenizer, data, dtype.name, device, steps, console, fp,
-                            layout=layout, eval_first=plan.resume_from is None)
+    trainer = build_trainer(cfg, model, ready.tokenizer, data, ready.dtype.name, ready.device,
+                            ready.steps, console, ready.fp, layout=built.layout,
+                            eval_first=plan.resume_from is None)
     procs.wait_for_everyone()  # every rank has checked the folder before rank 0 writes to it
-    if procs.is_main_process:
-        runs.start(plan, cfg, fp)  # the folder is written only now that the run can start
+    if procs.is_main_process:  # the folder is written only now that the run can start
+        for note in runs.start(plan, cfg, ready.fp, base_model_identity(model, cfg)):
+            console.print(f"[yellow]note:[/] {note}")
     procs.wait_for_everyone()
-    prompts = list(DEMO_PROMPTS) if demo_run else []
-    gens_before = [generate(model, tokenizer, p, adapter=False) for p in prompts]
+    prompts = list(DEMO_PROMPTS) if ready.demo else []
+    gens_before = [generate(model, ready.tokenizer, p, adapter=False) for p in prompts]
+    train_out = run_trainer(trainer, plan, console)
+    from qorpo.trainer import whole_run_train_loss
+
+    before = eval_before(trainer.state.log_history)
+    metrics = dict(train_out.metrics)
+    whole_run = whole_run_train_loss(trainer.state.log_history)
+    if whole_run is not None:  # the Trainer's own counts only the steps of this process
+        metrics["train_loss"] = whole_run
+    if data.eval is not None:
+        metrics.update(trainer.evaluate(metric_key_prefix="eval"))
+    gens = [{"prompt": p, "before": b,
+             "after": generate(model, ready.tokenizer, p, adapter=True)}
+            for p, b in zip(prompts, gens_before, strict=True)]
+    if procs.is_main_process:
+        runs.finish(out_dir, trainer.state.global_step)
+    metrics |= measured_memory(built.memory, ready.device.type)
+    console.print(summary_table(out_dir, metrics, before, gens))
+    return TrainResult(out_dir, metrics, before, gens, built.memory)
+
+
+def run_trainer(trainer: Any, plan: runs.RunPlan, console: Console) -> Any:
+    """trainer.train(); on Ctrl-C or SIGTERM what was learned is saved first, and a full disk
+    is one sentence that leaves the previous checkpoint and adapter as they were."""
+    out_dir = plan.out_dir
     interrupted: KeyboardInterrupt | None = None
-    with terminate_as_interrupt():
+    with terminate_as_interrupt(), disk_full_is_an_error(out_dir, trainer):
         try:
             resume = str(plan.resume_from) if plan.resume_from is not None else None
             train_out = trainer.train(resume_from_checkpoint=resume)
@@ -197,30 +273,37 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
         save_adapter(trainer, out_dir)
     if interrupted is not None:
         why = "Terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "Interrupted"
-        console.print(f"[yellow]{why}: adapter saved to {out_dir} at step "
-                      f"{trainer.state.global_step}; `--resume latest` continues from the last "
-                      "checkpoint.[/]")
+        step = trainer.state.global_step
+        if any(c.complete for c in runs.checkpoints(out_dir)):
+            then = "`--resume latest` continues from the last checkpoint."
+        else:
+            then = ("no checkpoint was written yet (every --save-steps steps), so there is "
+                    "nothing to resume: --overwrite starts the run again.")
+        console.print(f"[yellow]{why}: adapter saved to {out_dir} at step {step}; {then}[/]")
         raise interrupted
-    before = eval_before(trainer.state.log_history)
-    metrics = dict(train_out.metrics)
-    whole_run = whole_run_train_loss(trainer.state.log_history)
-    if whole_run is not None:  # the Trainer's own counts only the steps of this process
-        metrics["train_loss"] = whole_run
-    if data.eval is not None:
-        metrics.update(trainer.evaluate(metric_key_prefix="eval"))
-    gens = [{"prompt": p, "before": b, "after": generate(model, tokenizer, p, adapter=True)}
-            for p, b in zip(prompts, gens_before, strict=True)]
-    if procs.is_main_process:
-        runs.finish(out_dir, fp, trainer.state.global_step)
-    measured = peak_measured(device.type)
-    if measured is not None:
-        metrics["peak_memory_gib"] = measured / 2**30
-        metrics["peak_memory_estimate_gib"] = (memory.peak.allocated if device.type == "cuda"
-                                               else memory.peak.total) / 2**30
-        if memory.default_bound is not None and not memory.low_cpu_memory:
-            metrics["peak_memory_bound_gib"] = memory.default_bound / 2**30  # glibc's default
-    console.print(summary_table(out_dir, metrics, before, gens))
-    return TrainResult(out_dir, metrics, before, gens, memory)
+    return train_out
+
+
+def measured_memory(memory: Any, device: str) -> dict[str, float]:
+    """The measured peak next to the estimate (and glibc's range top), for the summary."""
+    measured = peak_measured(device)
+    if measured is None:
+        return {}
+    out = {"peak_memory_gib": measured / 2**30,
+           "peak_memory_estimate_gib": (memory.peak.allocated if device == "cuda"
+                                        else memory.peak.total) / 2**30}
+    if memory.default_bound is not None and not memory.low_cpu_memory:
+        out["peak_memory_bound_gib"] = memory.default_bound / 2**30  # glibc's default
+    return out
+
+
+def base_model_identity(model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """What the adapter was trained on, for qorpo merge's architecture check."""
+    from qorpo.model import unwrap
+
+    config = unwrap(model).config
+    return {"name_or_path": cfg.model, "model_type": getattr(config, "model_type", None),
+            "architectures": list(getattr(config, "architectures", None) or [])}
 
 
 def attention_cost(model: torch.nn.Module) -> float:
@@ -267,30 +350,62 @@ def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {k: v for k, v in first.items() if k.startswith("eval_")}
 
 
-def plan_run(cfg: TrainConfig, fp: dict[str, Any]) -> tuple[TrainConfig, runs.RunPlan]:
-    """The output folder and resume point; the default folder moves aside rather than being
-    refused: running the demo twice gives outputs/demo and outputs/demo-2."""
-    try:
-        return cfg, runs.plan_output_dir(cfg, fp)
-    except runs.RunError:
-        defaults = {TrainConfig().output_dir, DEMO_OVERRIDES["output_dir"]}
-        if cfg.output_dir not in defaults or cfg.resume is not None or cfg.overwrite:
-            raise
-    n = 2
-    while Path(f"{cfg.output_dir}-{n}").exists():
+class Claim(NamedTuple):
+    cfg: TrainConfig  # output_dir possibly moved aside (the default folder)
+    plan: runs.RunPlan
+
+
+@contextlib.contextmanager
+def claim_output_dir(cfg: TrainConfig, fp: dict[str, Any], *,
+                     main_process: bool = True) -> Iterator[Claim]:
+    """The output folder, locked for this run (one writer per folder; qorpo.lock), and its
+    resume point. Taking the lock is also how an unwritable folder is found before the model
+    loads. The default folder moves aside rather than being refused: running the demo twice
+    gives outputs/demo and outputs/demo-2. On the way out the lock is released, and a folder
+    created here that the run never wrote to is removed again."""
+    from qorpo.lock import LockedError, acquire
+
+    defaults = {TrainConfig().output_dir, DEMO_OVERRIDES["output_dir"]}
+    movable = cfg.output_dir in defaults and cfg.resume is None and not cfg.overwrite
+    first, n = cfg, 2
+    while True:
+        out = runs.resolve_output_dir(cfg)
+        try:
+            lock = acquire(out, enabled=main_process)
+        except LockedError:
+            if not movable:
+                raise
+        else:
+            try:
+                plan = runs.plan_output_dir(cfg, fp, out)
+                break
+            except runs.RunError:
+                lock.release()
+                if not movable:
+                    raise
+            except BaseException:
+                lock.release()
+                raise
+        while Path(f"{first.output_dir}-{n}").exists():
+            n += 1
+        cfg = dataclasses.replace(first, output_dir=f"{first.output_dir}-{n}")
         n += 1
-    moved = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{n}")
-    plan = runs.plan_output_dir(moved, fp)
-    note = f"{cfg.output_dir} holds an earlier run: this one goes to {moved.output_dir}"
-    return moved, plan._replace(notes=(*plan.notes, note))
+    notes = (lock.note,) if lock.note else ()
+    if cfg is not first:
+        notes += (f"{first.output_dir} holds an earlier run: this one goes to {cfg.output_dir}",)
+    try:
+        yield Claim(cfg, plan._replace(notes=(*notes, *plan.notes)))
+    finally:
+        lock.release()
 
 
 def save_adapter(trainer: Any, out_dir: Path) -> None:
     """The adapter (PEFT format) and tokenizer into out_dir, each file renamed into place so a
-    kill never leaves a half-written adapter file."""
+    kill never leaves a half-written adapter file; their names join the run's list of what it
+    wrote (what --overwrite may remove)."""
     from qorpo.hf import quiet
 
-    staging = out_dir / ".saving"
+    staging = out_dir / runs.SAVING
     if trainer.is_world_process_zero() and staging.exists():  # left by a kill mid-save
         shutil.rmtree(staging)
     with quiet():
@@ -301,43 +416,77 @@ def save_adapter(trainer: Any, out_dir: Path) -> None:
     # text, and a deployable folder holds no pickle. (Checkpoints keep theirs: resuming needs
     # them.)
     (staging / "training_args.bin").unlink(missing_ok=True)
-    for f in sorted(staging.iterdir()):
-        os.replace(f, out_dir / f.name)
+    names = sorted(f.name for f in staging.iterdir())
+    runs.record_written(out_dir, names)  # listed before they appear: a kill in between is safe
+    for name in names:
+        os.replace(staging / name, out_dir / name)
     staging.rmdir()
 
 
-def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
-    """Mean loss per step over the whole run, a resumed one included: each logged loss is the
-    mean of the steps since the previous log (qorpo logs at every checkpoint and at the end,
-    so no step is left out); records repeated by a resume are counted once."""
-    by_step = {int(r["step"]): float(r["loss"]) for r in log_history if "loss" in r}
-    total, previous = 0.0, 0
-    for step in sorted(by_step):
-        total += by_step[step] * (step - previous)
-        previous = step
-    return total / previous if previous else None
+@contextlib.contextmanager
+def disk_full_is_an_error(out_dir: Path, trainer: Any) -> Iterator[None]:
+    """A full disk (or quota) while checkpointing or saving: the checkpoint or adapter being
+    written is removed (the previous ones are untouched: they are complete and marked) and the
+    run stops with one sentence naming the folder and the space it needs."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        is_main = trainer.is_world_process_zero()
+        done = [c for c in runs.checkpoints(out_dir) if c.complete]
+        for c in runs.checkpoints(out_dir):
+            if not c.complete and is_main:
+                shutil.rmtree(c.path, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(out_dir / runs.SAVING, ignore_errors=True)
+        need = folder_bytes(done[-1].path) if done else checkpoint_bytes(trainer.model)
+        kept = (f"{done[-1].path.name} is intact: free space, then `--resume latest` "
+                "continues from it" if done else "no checkpoint was complete yet")
+        raise RunError(f"disk full while writing to {out_dir} at step "
+                       f"{trainer.state.global_step}: a checkpoint needs about "
+                       f"{need / 2**20:,.0f} MiB free there; {kept}.") from None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def checkpoint_bytes(model: Any) -> int:
+    """About what a checkpoint takes: the trainable weights, and AdamW's two moments of them,
+    in fp32 (plus the small state files)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable * 4 * 3 + 2**20
 
 
 def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
+    """Optimizer steps, counted as the Trainer counts them: an epoch's last accumulation
+    window may be short, and still is a step."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = math.ceil(pairs / (cfg.batch_size * processes))
-    return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
+    batches = math.ceil(pairs / (cfg.batch_size * processes))  # micro-batches per epoch
+    per_epoch = max(1, math.ceil(batches / cfg.grad_accum))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
 
 
 def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data: Any,
                   dtype_name: str, device: torch.device, steps: int, console: Console,
                   fp: dict[str, Any], layout: str = "padded", eval_first: bool = True) -> Any:
-    from transformers import TrainingArguments
-
     from qorpo.data.collate import PairCollator
-    from qorpo.trainer import CheckpointCallback, MetricsFileCallback, ORPOTrainer
+    from qorpo.trainer import (
+        CheckpointCallback,
+        MetricsFileCallback,
+        ORPOTrainer,
+        ORPOTrainingArguments,
+    )
 
     has_eval = data.eval is not None
     optim = cfg.optim
     if optim == "auto":
         optim = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
-    args = TrainingArguments(
+    args = ORPOTrainingArguments(  # (its warm-up leaves the last step a nonzero rate)
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,

@@ -20,6 +20,8 @@ import yaml
 from qorpo.errors import ConfigError
 
 GROUPS = ("Model", "LoRA", "Data", "Training", "Output")
+# Options that are actions on the output folder, not settings of the run: never saved.
+ACTIONS = frozenset({"resume", "overwrite"})
 # Default rows per chunk of the vocabulary projection (qorpo.loss). scripts/bench_loss.py (vocab
 # 128,256, 4,096 scored tokens, H 512, fp32, 2-core CPU): chunk 256 needs 279 MB beyond its
 # inputs vs 6,028 MB for the full-logits path (21.6x less) and ran 1.28x faster; chunk 128 saves
@@ -130,13 +132,16 @@ class TrainConfig:
     report_to: list[str] = _f(["none"], "Output", "none, tensorboard, wandb (comma separated).")
     resume: str | None = _f(None, "Output", "Resume: 'latest' (the newest complete "
                             "checkpoint in --output-dir) or a checkpoint folder.")
-    overwrite: bool = _f(False, "Output", "Replace a previous run in --output-dir (it is "
-                         "removed first). Without it, a folder holding a run is refused.")
+    overwrite: bool = _f(False, "Output", "Replace a previous run in --output-dir: the files it "
+                         "wrote are removed first, anything else there stays. Without it, a "
+                         "folder holding a run is refused. Never saved in qorpo_config.yaml.")
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field; raise one ConfigError listing all problems."""
-        problems: list[str] = []
+        problems = _type_problems(self)
+        if problems:  # (the checks below compare values: they need the right types)
+            raise ConfigError(problems)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -147,17 +152,22 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name}: must be a finite number, got {value}")
         positive = ("lora_r", "max_length", "max_prompt_length", "min_response_tokens",
-                    "chunk_size", "batch_size", "grad_accum", "logging_steps", "save_steps")
+                    "chunk_size", "batch_size", "grad_accum", "logging_steps", "save_steps",
+                    "eval_steps", "save_total_limit")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
-                problems.append(f"{name}: must be >= 1, got {value}")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            problems.append(f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
-                            f"({self.max_length}) to leave room for the response: lower "
-                            "--max-prompt-length or raise --max-length")
-        if self.min_response_tokens > self.max_length - 1:
-            problems.append("min_response_tokens: must leave room for a prompt in max_length")
+                problems.append(f"{name}: must be >= 1, got {value}"
+                                + (" (leave it empty for no limit)"
+                                   if name == "save_total_limit" else ""))
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps: must be >= 1, or -1 to train for --epochs, got "
+                            f"{self.max_steps}")
+        if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
+            problems.append(f"seed: must be in 0 .. {2**32 - 1}, got {self.seed}")
+        if not any(p.startswith(("max_length:", "max_prompt_length:", "min_response_tokens:"))
+                   for p in problems):
+            problems += self._length_problems()
         if self.gpu_memory is not None:
             try:
                 parse_memory_size(self.gpu_memory)
@@ -178,6 +188,9 @@ class TrainConfig:
             problems.append(f"max_samples: must be >= 1, got {self.max_samples}")
         if not self.lora_targets:
             problems.append("lora_targets: give 'all-linear' or at least one module name")
+        elif "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
+            problems.append(f"lora_targets: {','.join(self.lora_targets)}: all-linear already "
+                            "adapts every linear layer; give it alone, or module names only")
         bad_cols = set(self.columns) - {"prompt", "chosen", "rejected", "system"}
         if bad_cols:
             problems.append(f"columns: unknown keys {sorted(bad_cols)}; allowed: prompt, "
@@ -188,6 +201,37 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+    def _length_problems(self) -> list[str]:
+        """max_length, max_prompt_length, min_response_tokens together. A prompt is cut to the
+        (resolved) max_prompt_length and a row is dropped when fewer than min_response_tokens
+        are left for its responses: the three must leave room for both, or every row with a
+        long prompt is cut and then dropped anyway (qorpo.data.prepare._fit)."""
+        length, given, least = self.max_length, self.max_prompt_length, self.min_response_tokens
+        if given is not None and given >= length:
+            return [f"max_prompt_length ({given}) must be < max_length ({length}) to leave room "
+                    "for the response: lower --max-prompt-length or raise --max-length"]
+        prompt = self.resolved_max_prompt_length
+        room = length - prompt
+        if least <= room:
+            return []
+        need = prompt + least if given is not None else 2 * least - 1  # ceil(L / 2) >= least
+        raise_it = f"raise --max-length to at least {need}"
+        lower = f"lower --min-response-tokens to {room} or less" if room >= 1 else ""
+        if least >= length:
+            fixes = " or ".join(f for f in (raise_it, lower) if f)
+            return [f"max_length ({length}) leaves no room for a prompt with "
+                    f"min_response_tokens {least}: {fixes}"]
+        if given is None:
+            return [f"max_length ({length}) cuts prompts to {prompt} tokens (max_prompt_length "
+                    f"defaults to half of it), which leaves {room} for the response, fewer than "
+                    f"min_response_tokens {least}: every row with a cut prompt would be dropped. "
+                    f"{raise_it.capitalize()}, {lower}, or set --max-prompt-length to "
+                    f"{length - least} or less"]
+        return [f"max_prompt_length ({given}) + min_response_tokens ({least}) exceed max_length "
+                f"({length}): a prompt cut to {given} tokens leaves {room} for the response, so "
+                f"every row with a cut prompt would be dropped. Lower --max-prompt-length to "
+                f"{length - least}, {lower} or {raise_it}"]
 
     @property
     def layout(self) -> str:
@@ -207,8 +251,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict[str, Any]:
+        """The run's settings: every field but the actions (`ACTIONS`), which say what to do
+        with the output folder this time and must not repeat when the file is passed back in
+        (a saved `overwrite: true` would replace the finished run it describes)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ACTIONS}
+
+    def yaml_text(self) -> str:
+        """The settings as YAML (qorpo_config.yaml: pass it back in to rerun the same run)."""
+        return yaml.safe_dump(self.settings(), sort_keys=False)
+
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.yaml_text())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -262,7 +316,47 @@ def parse_memory_size(text: str) -> float:
     if not m:
         raise ValueError(f"cannot read {text!r} as a memory size: write e.g. 16GB or 24GB")
     unit = (m.group(2) or "gb").lower()
-    return float(m.group(1)) * (2**20 if unit.startswith("m") else 2**30)
+    size = float(m.group(1)) * (2**20 if unit.startswith("m") else 2**30)
+    if size <= 0:  # (the pattern admits no sign: this is 0, 0.0, 0MB...)
+        raise ValueError(f"{text!r} is no memory at all: give the GPU's size, e.g. 16GB or 24GB")
+    return size
+
+
+_KINDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number",
+                          str: "a string", list: "a list of strings",
+                          dict: "a mapping of strings to strings"}
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    """Values of the wrong type, one line each. YAML and CLI values are parsed (`coerce`); a
+    TrainConfig built in Python (or `dataclasses.replace`d by the API) is not, and e.g. a
+    `trust_remote_code=None` would let transformers ask on stdin whether to run a model's code."""
+    hints = typing.get_type_hints(TrainConfig)
+    problems = []
+    for f in dataclasses.fields(cfg):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union,
+                                                               types.UnionType) else (tp,)
+        if value is None and type(None) in args:
+            continue
+        base = next(a for a in args if a is not type(None))
+        kind = typing.get_origin(base) or base
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind in (int, float):
+            ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(
+                value, bool)
+        elif kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif kind is dict:
+            ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in value.items())
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            empty = " or empty" if type(None) in args else ""
+            problems.append(f"{f.name}: expected {_KINDS[kind]}{empty}, got {value!r}")
+    return problems
 
 
 def _resolve(tp: Any) -> Any:

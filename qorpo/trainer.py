@@ -1,4 +1,4 @@
-"""ORPOTrainer: a transformers.Trainer that overrides public hooks only.
+"""ORPOTrainer: a transformers.Trainer that overrides public hooks (and one protected one).
 
 compute_loss        one forward over the laid-out pairs (padded, shared or packed; see
                     qorpo.data.collate) → final hidden states → chunked loss on the scored tokens
@@ -9,6 +9,8 @@ prediction_step     per-pair statistics; compute_metrics (eval_metrics) turns th
                     the eval loss and metrics of the whole eval set
 log                 adds the ORPO metrics, tokens/s and peak memory to what the Trainer logs;
                     under torchrun/accelerate they are summed over all processes first
+_get_train_sampler  (protected: no public argument sets the train sampler) the length-grouped
+                    order of each epoch is a function of (seed, epoch), so a resume is exact
 
 Metrics are summed on the device as they come (no host sync per micro-batch) and read once per
 log.
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from qorpo.config import DEFAULT_CHUNK_SIZE
 from qorpo.data.collate import Batch
@@ -47,6 +51,34 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class ORPOTrainingArguments(TrainingArguments):
+    """TrainingArguments whose warm-up always leaves the last step a nonzero learning rate."""
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        # The warm-up gives step 0 the rate 0; a run of only warm-up steps (ceil(0.1 * 1) = 1
+        # for --max-steps 1) would end with the adapter untrained. Capped at steps - 1, which
+        # changes only runs shorter than 1 / (1 - warmup_ratio) steps (1 step at 10%).
+        steps = super().get_warmup_steps(num_training_steps)
+        return min(steps, max(num_training_steps - 1, 0))
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Transformers' LengthGroupedSampler (megabatches of similar lengths), its shuffle drawn
+    from a generator seeded with seed + the epoch that `epoch()` gives when iteration starts,
+    not from the global RNG. (The epoch is read, not set through set_epoch: accelerate's
+    set_epoch does not reach the sampler of a loader that skips batches across processes.)"""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int,
+                 epoch: Callable[[], int]) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch())
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size,
+                                               generator=generator))
+
+
 class ORPOTrainer(Trainer):
     # compute_loss normalises by the window totals itself; the Trainer must not divide again.
     loss_is_scaled_for_ga = True
@@ -61,6 +93,22 @@ class ORPOTrainer(Trainer):
         self.sums: torch.Tensor | None = None  # train metric sums since the last log (_SUMS)
         self.windows_since_log = 0  # optimizer steps (accumulation windows) since the last log
         self.last_log_time = time.perf_counter()
+
+    # -------------------------------------------------------------------- data order
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # Overridden (a protected hook: no public argument sets the train sampler) because the
+        # Trainer's LengthGroupedSampler shuffles with the global RNG when an epoch starts. A
+        # resume inside epoch 2+ starts that epoch (and skips its first batches) before the
+        # checkpoint's RNG state is restored, so it drew the order from the RNG as set_seed
+        # left it: epoch 1's order, not the epoch's own, and the resumed run diverged.
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            # state.epoch when an epoch's batches start: e.0 in an unbroken run, e + the
+            # fraction done when resumed inside epoch e (the state comes from the checkpoint)
+            return EpochLengthGroupedSampler(sampler.batch_size, list(sampler.lengths), seed,
+                                             epoch=lambda: int(self.state.epoch or 0))
+        return sampler
 
     # -------------------------------------------------------------------- accumulation window
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -180,6 +228,18 @@ def eval_metrics(pred: EvalPrediction, beta: float) -> dict[str, float]:
     }
 
 
+def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean loss per step over the whole run, a resumed one included: each logged loss is the
+    mean of the steps since the previous log (qorpo logs at every checkpoint and at the end,
+    so no step is left out); records repeated by a resume are counted once."""
+    by_step = {int(r["step"]): float(r["loss"]) for r in log_history if "loss" in r}
+    total, previous = 0.0, 0
+    for step in sorted(by_step):
+        total += by_step[step] * (step - previous)
+        previous = step
+    return total / previous if previous else None
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every log (train and eval) to OUTPUT_DIR/metrics.jsonl as one JSON object."""
 
@@ -189,6 +249,11 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             record = {"step": state.global_step, "time": time.time(), **logs}
+            # The Trainer's train_loss covers only the steps of this train() call; after a
+            # resume the log history (restored from the checkpoint) has all of them.
+            whole_run = whole_run_train_loss(state.log_history) if "train_loss" in logs else None
+            if whole_run is not None:
+                record["train_loss"] = whole_run
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -201,10 +266,18 @@ class CheckpointCallback(TrainerCallback):
       train loss, not only its own steps.
     * After the Trainer has written everything into checkpoint-N, the marker goes in last
       (with the run's fingerprint): a checkpoint without it was cut short and is never resumed.
+    * A resume logs, saves and evaluates at this run's intervals: they are not part of the
+      fingerprint, so a resume may change them.
     """
 
     def __init__(self, fingerprint: dict[str, Any]) -> None:
         self.fingerprint = fingerprint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer loads trainer_state.json (with the checkpoint's logging/save/eval steps)
+        # before this event and then reads the intervals from the state, not from args.
+        state.compute_steps(args, state.max_steps)
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or state.global_step >= state.max_steps:

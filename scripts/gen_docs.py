@@ -39,7 +39,8 @@ Every `qorpo train` option exists three ways, all building one `TrainConfig`:
 
 The whole config is validated at once: every problem is listed in one error (CLI exit code 2),
 and a misspelt YAML key gets a "did you mean" hint. The config a run used is saved next to its
-adapter as `qorpo_config.yaml`, which can be passed back to `qorpo train`.
+adapter as `qorpo_config.yaml`, which can be passed back to `qorpo train`; it holds the settings,
+not the actions `--resume` and `--overwrite`, so passing it back never replaces that run.
 
 Values: booleans are `--flag` / `--no-flag` on the command line (`true`/`false` in YAML); lists
 are comma separated on the command line (`--lora-targets q_proj,v_proj`) or YAML lists; a

@@ -13,11 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qorpo.api import train, whole_run_train_loss
+from qorpo.api import train
 from qorpo.cli import app
 from qorpo.config import TrainConfig
 from qorpo.errors import ConfigError, DataError, MergeError, ModelError
 from qorpo.runs import CHECKPOINT_MARKER, RUN_FILE, RunError
+from qorpo.trainer import whole_run_train_loss
 from tests.test_train import adapter_weights, base_kwargs, write_pairs
 from tests.tiny import make_model, make_tokenizer
 
