@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,15 +15,10 @@ from rich.console import Console
 import qorpo.runs as runs
 from qorpo.config import TrainConfig
 from qorpo.demo import DEMO_PROMPTS
-from qorpo.errors import ConfigError, Terminated, terminate_as_interrupt
+from qorpo.errors import ConfigError
+from qorpo.fitting import build_trainer, run_trainer
 from qorpo.memory.plan import peak_measured
-from qorpo.progress import (
-    RichProgressCallback,
-    estimate_table,
-    start_table,
-    summary_table,
-)
-from qorpo.runs import RunError
+from qorpo.progress import estimate_table, start_table, summary_table
 from qorpo.sysmem import allocator, pin_malloc_thresholds
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
@@ -256,34 +249,6 @@ def fit(ready: Setup, built: Built, console: Console) -> TrainResult:
     return TrainResult(out_dir, metrics, before, gens, built.memory)
 
 
-def run_trainer(trainer: Any, plan: runs.RunPlan, console: Console) -> Any:
-    """trainer.train(); on Ctrl-C or SIGTERM what was learned is saved first, and a full disk
-    is one sentence that leaves the previous checkpoint and adapter as they were."""
-    out_dir = plan.out_dir
-    interrupted: KeyboardInterrupt | None = None
-    with terminate_as_interrupt(), disk_full_is_an_error(out_dir, trainer):
-        try:
-            resume = str(plan.resume_from) if plan.resume_from is not None else None
-            train_out = trainer.train(resume_from_checkpoint=resume)
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep what was learned
-            interrupted = exc
-            for cb in trainer.callback_handler.callbacks:
-                if isinstance(cb, RichProgressCallback):
-                    cb.close()
-        save_adapter(trainer, out_dir)
-    if interrupted is not None:
-        why = "Terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "Interrupted"
-        step = trainer.state.global_step
-        if any(c.complete for c in runs.checkpoints(out_dir)):
-            then = "`--resume latest` continues from the last checkpoint."
-        else:
-            then = ("no checkpoint was written yet (every --save-steps steps), so there is "
-                    "nothing to resume: --overwrite starts the run again.")
-        console.print(f"[yellow]{why}: adapter saved to {out_dir} at step {step}; {then}[/]")
-        raise interrupted
-    return train_out
-
-
 def measured_memory(memory: Any, device: str) -> dict[str, float]:
     """The measured peak next to the estimate (and glibc's range top), for the summary."""
     measured = peak_measured(device)
@@ -304,20 +269,6 @@ def base_model_identity(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     config = unwrap(model).config
     return {"name_or_path": cfg.model, "model_type": getattr(config, "model_type", None),
             "architectures": list(getattr(config, "architectures", None) or [])}
-
-
-def attention_cost(model: torch.nn.Module) -> float:
-    """Attention's cost per (query, key) relative to a token's linear layers, ~1 / (6 H)
-    (qorpo.data.collate.choose_capacity: how long packed rows may grow)."""
-    from qorpo.kernels import skips_masked_blocks
-    from qorpo.model import unwrap
-
-    cfg = unwrap(model).config
-    if skips_masked_blocks(getattr(cfg, "_attn_implementation", None)):
-        return 0.0  # pairs sharing a row never pay for each other
-    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
-                     "hidden_size", 576)
-    return 1 / (6 * int(hidden))
 
 
 def memory_estimate(cfg: TrainConfig, data: Any, device: str,
@@ -399,68 +350,6 @@ def claim_output_dir(cfg: TrainConfig, fp: dict[str, Any], *,
         lock.release()
 
 
-def save_adapter(trainer: Any, out_dir: Path) -> None:
-    """The adapter (PEFT format) and tokenizer into out_dir, each file renamed into place so a
-    kill never leaves a half-written adapter file; their names join the run's list of what it
-    wrote (what --overwrite may remove)."""
-    from qorpo.hf import quiet
-
-    staging = out_dir / runs.SAVING
-    if trainer.is_world_process_zero() and staging.exists():  # left by a kill mid-save
-        shutil.rmtree(staging)
-    with quiet():
-        trainer.save_model(str(staging))
-    if not trainer.is_world_process_zero():
-        return
-    # The Trainer also pickles its TrainingArguments; qorpo_config.yaml says the same in plain
-    # text, and a deployable folder holds no pickle. (Checkpoints keep theirs: resuming needs
-    # them.)
-    (staging / "training_args.bin").unlink(missing_ok=True)
-    names = sorted(f.name for f in staging.iterdir())
-    runs.record_written(out_dir, names)  # listed before they appear: a kill in between is safe
-    for name in names:
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()
-
-
-@contextlib.contextmanager
-def disk_full_is_an_error(out_dir: Path, trainer: Any) -> Iterator[None]:
-    """A full disk (or quota) while checkpointing or saving: the checkpoint or adapter being
-    written is removed (the previous ones are untouched: they are complete and marked) and the
-    run stops with one sentence naming the folder and the space it needs."""
-    import errno
-
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        is_main = trainer.is_world_process_zero()
-        done = [c for c in runs.checkpoints(out_dir) if c.complete]
-        for c in runs.checkpoints(out_dir):
-            if not c.complete and is_main:
-                shutil.rmtree(c.path, ignore_errors=True)
-        if is_main:
-            shutil.rmtree(out_dir / runs.SAVING, ignore_errors=True)
-        need = folder_bytes(done[-1].path) if done else checkpoint_bytes(trainer.model)
-        kept = (f"{done[-1].path.name} is intact: free space, then `--resume latest` "
-                "continues from it" if done else "no checkpoint was complete yet")
-        raise RunError(f"disk full while writing to {out_dir} at step "
-                       f"{trainer.state.global_step}: a checkpoint needs about "
-                       f"{need / 2**20:,.0f} MiB free there; {kept}.") from None
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def checkpoint_bytes(model: Any) -> int:
-    """About what a checkpoint takes: the trainable weights, and AdamW's two moments of them,
-    in fp32 (plus the small state files)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable * 4 * 3 + 2**20
-
-
 def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
     """Optimizer steps, counted as the Trainer counts them: an epoch's last accumulation
     window may be short, and still is a step."""
@@ -469,59 +358,6 @@ def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
     batches = math.ceil(pairs / (cfg.batch_size * processes))  # micro-batches per epoch
     per_epoch = max(1, math.ceil(batches / cfg.grad_accum))
     return max(1, math.ceil(per_epoch * cfg.epochs))
-
-
-def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data: Any,
-                  dtype_name: str, device: torch.device, steps: int, console: Console,
-                  fp: dict[str, Any], layout: str = "padded", eval_first: bool = True) -> Any:
-    from qorpo.data.collate import PairCollator
-    from qorpo.trainer import (
-        CheckpointCallback,
-        MetricsFileCallback,
-        ORPOTrainer,
-        ORPOTrainingArguments,
-    )
-
-    has_eval = data.eval is not None
-    optim = cfg.optim
-    if optim == "auto":
-        optim = "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
-    args = ORPOTrainingArguments(  # (its warm-up leaves the last step a nonzero rate)
-        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, optim=optim,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        bf16=dtype_name == "bf16", fp16=dtype_name == "fp16", use_cpu=device.type == "cpu",
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
-        eval_steps=cfg.eval_steps, report_to=cfg.report_to, disable_tqdm=True,
-        # "before" metrics: evaluated inside train(), after the model is wrapped for DDP. (An
-        # evaluate() call before train() leaves the model unwrapped for the first step under
-        # torchrun/accelerate, so its gradients are never averaged across processes.)
-        eval_on_start=has_eval and eval_first,
-        remove_unused_columns=False, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length",
-    )  # gradient checkpointing is set up by qorpo.model (non-reentrant), not by the Trainer
-    trainer = ORPOTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=PairCollator(tokenizer.pad_token_id, layout=layout,
-                                   sft_on_prompt=cfg.sft_on_prompt,
-                                   attention_cost=attention_cost(model)),
-        processing_class=tokenizer, beta=cfg.beta, chunk_size=cfg.chunk_size,
-        callbacks=[MetricsFileCallback(Path(cfg.output_dir) / runs.METRICS_FILE),
-                   CheckpointCallback(fp)],
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    trainer.add_callback(RichProgressCallback(console, steps))
-    return trainer
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:

@@ -7,8 +7,6 @@ docs' option table are generated from this file and cannot drift from it.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +16,9 @@ from typing import Any
 import yaml
 
 from qorpo.errors import ConfigError
+from qorpo.validation import config_problems, parse_memory_size
+
+__all__ = ["TrainConfig", "coerce", "field_table", "parse_memory_size"]
 
 GROUPS = ("Model", "LoRA", "Data", "Training", "Output")
 # Options that are actions on the output folder, not settings of the run: never saved.
@@ -138,100 +139,11 @@ class TrainConfig:
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
-        """Check every field; raise one ConfigError listing all problems."""
-        problems = _type_problems(self)
-        if problems:  # (the checks below compare values: they need the right types)
-            raise ConfigError(problems)
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                problems.append(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"{f.name}: must be a finite number, got {value}")
-        positive = ("lora_r", "max_length", "max_prompt_length", "min_response_tokens",
-                    "chunk_size", "batch_size", "grad_accum", "logging_steps", "save_steps",
-                    "eval_steps", "save_total_limit")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name}: must be >= 1, got {value}"
-                                + (" (leave it empty for no limit)"
-                                   if name == "save_total_limit" else ""))
-        if self.max_steps == 0 or self.max_steps < -1:
-            problems.append(f"max_steps: must be >= 1, or -1 to train for --epochs, got "
-                            f"{self.max_steps}")
-        if not 0 <= self.seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
-            problems.append(f"seed: must be in 0 .. {2**32 - 1}, got {self.seed}")
-        if not any(p.startswith(("max_length:", "max_prompt_length:", "min_response_tokens:"))
-                   for p in problems):
-            problems += self._length_problems()
-        if self.gpu_memory is not None:
-            try:
-                parse_memory_size(self.gpu_memory)
-            except ValueError as exc:
-                problems.append(f"gpu_memory: {exc}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            problems.append("weight_decay and max_grad_norm: must be >= 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            problems.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            problems.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("beta", "learning_rate", "lora_alpha", "epochs"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.max_samples is not None and self.max_samples < 1:
-            problems.append(f"max_samples: must be >= 1, got {self.max_samples}")
-        if not self.lora_targets:
-            problems.append("lora_targets: give 'all-linear' or at least one module name")
-        elif "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
-            problems.append(f"lora_targets: {','.join(self.lora_targets)}: all-linear already "
-                            "adapts every linear layer; give it alone, or module names only")
-        bad_cols = set(self.columns) - {"prompt", "chosen", "rejected", "system"}
-        if bad_cols:
-            problems.append(f"columns: unknown keys {sorted(bad_cols)}; allowed: prompt, "
-                            "chosen, rejected, system")
-        known_reports = {"none", "tensorboard", "wandb", "all"}
-        if set(self.report_to) - known_reports:
-            problems.append(f"report_to: {self.report_to} — allowed: {sorted(known_reports)}")
+        """Check every field (qorpo.validation); raise one ConfigError listing all problems."""
+        problems = config_problems(self)
         if problems:
             raise ConfigError(problems)
         return self
-
-    def _length_problems(self) -> list[str]:
-        """max_length, max_prompt_length, min_response_tokens together. A prompt is cut to the
-        (resolved) max_prompt_length and a row is dropped when fewer than min_response_tokens
-        are left for its responses: the three must leave room for both, or every row with a
-        long prompt is cut and then dropped anyway (qorpo.data.prepare._fit)."""
-        length, given, least = self.max_length, self.max_prompt_length, self.min_response_tokens
-        if given is not None and given >= length:
-            return [f"max_prompt_length ({given}) must be < max_length ({length}) to leave room "
-                    "for the response: lower --max-prompt-length or raise --max-length"]
-        prompt = self.resolved_max_prompt_length
-        room = length - prompt
-        if least <= room:
-            return []
-        need = prompt + least if given is not None else 2 * least - 1  # ceil(L / 2) >= least
-        raise_it = f"raise --max-length to at least {need}"
-        lower = f"lower --min-response-tokens to {room} or less" if room >= 1 else ""
-        if least >= length:
-            fixes = " or ".join(f for f in (raise_it, lower) if f)
-            return [f"max_length ({length}) leaves no room for a prompt with "
-                    f"min_response_tokens {least}: {fixes}"]
-        if given is None:
-            return [f"max_length ({length}) cuts prompts to {prompt} tokens (max_prompt_length "
-                    f"defaults to half of it), which leaves {room} for the response, fewer than "
-                    f"min_response_tokens {least}: every row with a cut prompt would be dropped. "
-                    f"{raise_it.capitalize()}, {lower}, or set --max-prompt-length to "
-                    f"{length - least} or less"]
-        return [f"max_prompt_length ({given}) + min_response_tokens ({least}) exceed max_length "
-                f"({length}): a prompt cut to {given} tokens leaves {room} for the response, so "
-                f"every row with a cut prompt would be dropped. Lower --max-prompt-length to "
-                f"{length - least}, {lower} or {raise_it}"]
 
     @property
     def layout(self) -> str:
@@ -304,59 +216,6 @@ class TrainConfig:
             cls.from_dict(values, source=str(path))  # report YAML problems under its name
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls.from_dict(values, source=str(yaml_path) if yaml_path else "options")
-
-
-_MEMORY_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*", re.IGNORECASE)
-
-
-def parse_memory_size(text: str) -> float:
-    """'16GB' / '15.5 GiB' / '24g' / '8000MB' -> bytes. GB is read as GiB: cards are sold that
-    way (a "16 GB" T4 has 16 GiB)."""
-    m = _MEMORY_SIZE.fullmatch(str(text))
-    if not m:
-        raise ValueError(f"cannot read {text!r} as a memory size: write e.g. 16GB or 24GB")
-    unit = (m.group(2) or "gb").lower()
-    size = float(m.group(1)) * (2**20 if unit.startswith("m") else 2**30)
-    if size <= 0:  # (the pattern admits no sign: this is 0, 0.0, 0MB...)
-        raise ValueError(f"{text!r} is no memory at all: give the GPU's size, e.g. 16GB or 24GB")
-    return size
-
-
-_KINDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number",
-                          str: "a string", list: "a list of strings",
-                          dict: "a mapping of strings to strings"}
-
-
-def _type_problems(cfg: TrainConfig) -> list[str]:
-    """Values of the wrong type, one line each. YAML and CLI values are parsed (`coerce`); a
-    TrainConfig built in Python (or `dataclasses.replace`d by the API) is not, and e.g. a
-    `trust_remote_code=None` would let transformers ask on stdin whether to run a model's code."""
-    hints = typing.get_type_hints(TrainConfig)
-    problems = []
-    for f in dataclasses.fields(cfg):
-        tp, value = hints[f.name], getattr(cfg, f.name)
-        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union,
-                                                               types.UnionType) else (tp,)
-        if value is None and type(None) in args:
-            continue
-        base = next(a for a in args if a is not type(None))
-        kind = typing.get_origin(base) or base
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind in (int, float):
-            ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(
-                value, bool)
-        elif kind is list:
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        elif kind is dict:
-            ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in value.items())
-        else:
-            ok = isinstance(value, kind)
-        if not ok:
-            empty = " or empty" if type(None) in args else ""
-            problems.append(f"{f.name}: expected {_KINDS[kind]}{empty}, got {value!r}")
-    return problems
 
 
 def _resolve(tp: Any) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from qorpo import atomic
+import qorpo.atomic as atomic
 from qorpo.atomic import _HOST, _alive
 from qorpo.errors import QorpoError
 

@@ -62,13 +62,55 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
     return DtypeChoice(torch.float32, "fp32", "CPU: bf16 is emulated there, fp32 is faster")
 
 
-def check_attn_implementation(requested: str | None, device: torch.device) -> None:
-    """Refuse, before anything loads, a kernel that cannot train on this device: torch has no
-    FlexAttention backward on the CPU (its forward alone would run)."""
+def attn_problems(requested: str | None, device: torch.device) -> list[str]:
+    """What keeps --attn-implementation from training on this device, before anything loads
+    (qorpo.preflight lists it with the other problems): an unknown name, FlexAttention on the
+    CPU (torch has no FlexAttention backward there; its forward alone would run),
+    FlashAttention off CUDA or without its package."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if requested is None:
+        return []
+    empty = "leave it empty for qorpo's choice"
+    names = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if requested not in names and not is_kernel(requested):  # (a hub kernel: org/name)
+        return [f"--attn-implementation {requested!r} is not an attention implementation: use "
+                f"one of {', '.join(names)}, a hub kernel (org/name), or {empty}"]
     if requested == "flex_attention" and device.type != "cuda":
-        raise ConfigError([f"--attn-implementation flex_attention trains only on a CUDA GPU "
-                           f"(torch has no FlexAttention backward on {device.type}); leave it "
-                           "empty on the CPU: qorpo's pair attention is used there"])
+        return [f"--attn-implementation flex_attention trains only on a CUDA GPU (torch has "
+                f"no FlexAttention backward on {device.type}); leave it empty on the CPU: "
+                "qorpo's pair attention is used there"]
+    if requested.startswith("flash_attention_"):
+        if device.type != "cuda":
+            return [f"--attn-implementation {requested} runs only on a CUDA GPU (FlashAttention "
+                    f"has no {device.type} kernels); {empty} (on the CPU: qorpo's pair "
+                    "attention)"]
+        if not _flash_available(requested):
+            return [f"--attn-implementation {requested} needs the flash-attn package, which is "
+                    "not installed: pip install flash-attn --no-build-isolation (or pip install "
+                    f"kernels for the hub's build), or {empty} (FlexAttention or sdpa)"]
+    return []
+
+
+def _flash_available(name: str) -> bool:
+    """FlashAttention `name` can load: its package, or the `kernels` package (transformers
+    then fetches a build from the hub instead)."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+    from transformers.utils import is_kernels_available
+
+    version = name.removeprefix("flash_attention_")
+    entry = FLASH_ATTENTION_COMPATIBILITY_MATRIX.get(int(version)) if version.isdigit() else None
+    if entry is None:  # a version this transformers does not know: let it decide at load
+        return True
+    return bool(entry["general_availability_check"]()) or bool(is_kernels_available())
+
+
+def check_attn_implementation(requested: str | None, device: torch.device) -> None:
+    """Raise ConfigError if --attn-implementation cannot train on this device (attn_problems)."""
+    problems = attn_problems(requested, device)
+    if problems:
+        raise ConfigError(problems)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -101,8 +143,23 @@ def check_model_source(cfg: TrainConfig) -> None:
                                                         "--allow-pickle)") + f"; {expect}.")
 
 
+def _custom_code_error(ref: str) -> ModelError:
+    """The model (or its tokenizer) ships its own Python code: run only when asked."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        files = sorted(p.name for p in path.glob("*.py"))
+        where = f"read {', '.join(files) or 'its .py files'} in {path.resolve()}"
+    else:
+        where = f"read its .py files at https://huggingface.co/{ref}"
+    return ModelError(f"--model {ref} ships its own code (auto_map in its config), which qorpo "
+                      f"runs only with --trust-remote-code: {where}, then pass "
+                      "--trust-remote-code if you trust it")
+
+
 def _load_error(ref: str, exc: Exception) -> ModelError:
     """A short, actionable message for a model or tokenizer that would not load."""
+    if "trust_remote_code" in str(exc):  # transformers refused the model's own code
+        return _custom_code_error(ref)
     reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     if Path(ref).expanduser().exists():
         return ModelError(f"could not load --model {ref}: {reason}")
@@ -111,13 +168,41 @@ def _load_error(ref: str, exc: Exception) -> ModelError:
                       "already in the cache), or pass a local model folder.")
 
 
+def check_model_config(cfg: TrainConfig) -> None:
+    """Read the model's config (no weight; none of the model's own code unless
+    --trust-remote-code, and never a prompt asking): a model with its own code is refused here
+    without the flag, and --lora-targets are matched against its modules, built on the meta
+    device (best effort: add_lora checks the loaded model again)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = cfg.trust_remote_code is True  # (None would make transformers ask on stdin)
+    try:
+        with quiet():
+            config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision,
+                                                trust_remote_code=trust)
+    except (OSError, ValueError) as exc:  # hub errors are OSErrors; bad files ValueErrors
+        raise _load_error(str(cfg.model), exc) from exc
+    if cfg.lora_targets == ["all-linear"]:
+        return
+    try:
+        with torch.device("meta"), quiet():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except Exception:  # noqa: BLE001 - e.g. a config only from_pretrained completes
+        return
+    check_lora_targets(skeleton, cfg)
+
+
 def load_tokenizer(cfg: TrainConfig) -> Any:
+    """The model's tokenizer, after the model folder and config are checked (check_model_source,
+    check_model_config): what a user can get wrong about the model is found before any weight
+    loads."""
     from transformers import AutoTokenizer
 
     check_model_source(cfg)
+    check_model_config(cfg)
     try:
         return AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
-                                             trust_remote_code=cfg.trust_remote_code)
+                                             trust_remote_code=cfg.trust_remote_code is True)
     except (OSError, ValueError) as exc:  # hub errors are OSErrors; bad files ValueErrors
         raise _load_error(str(cfg.model), exc) from exc
 
@@ -126,7 +211,7 @@ def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) 
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(
-        revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code is True,
         use_safetensors=None if cfg.allow_pickle else True,
         quantization_config=bnb_config(cfg.quant, dtype),
     )
@@ -170,6 +255,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         model.enable_input_require_grads()
+    check_lora_targets(model, cfg)
     targets: Any = cfg.lora_targets
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft: every linear layer except the output head
@@ -188,6 +274,30 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     return model
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The short names (q_proj, down_proj...) of the model's linear layers but the output head,
+    as --lora-targets takes them, de-duplicated in model order."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = (name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if module is not head and (isinstance(module, nn.Linear)
+                                        or type(module).__name__ == "Conv1D"))
+    return list(dict.fromkeys(names))
+
+
+def check_lora_targets(model: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse --lora-targets names that match no module (peft matches a name against the end
+    of each module's dotted path; it reports only a list that matches nothing at all)."""
+    if cfg.lora_targets == ["all-linear"]:
+        return
+    paths = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in cfg.lora_targets
+               if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        raise ModelError(f"--lora-targets {', '.join(missing)}: {cfg.model} has no module of "
+                         f"that name; its linear layers are {', '.join(linear_layer_names(model))} "
+                         "(or use all-linear)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
