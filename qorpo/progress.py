@@ -145,8 +145,13 @@ def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, fl
         t.add_row(f"[bold]prompt[/] {g['prompt']}", "", "")
         t.add_row("  before", "", g["before"])
         t.add_row("  after", "", g["after"])
+    import shlex  # the printed merge command must paste into a shell as is (spaces, quotes)
+
+    from rich.markup import escape
+
+    merge_cmd = f"qorpo merge {shlex.quote(str(out_dir))} --out {shlex.quote(f'{out_dir}-merged')}"
     t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl → {out_dir}\n"
-                 f"merge: qorpo merge {out_dir} --out {out_dir}-merged")
+                 f"merge: {escape(merge_cmd)}")
     return t
 
 

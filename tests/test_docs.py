@@ -52,7 +52,8 @@ def test_options_md_lists_every_field_with_its_default():
 # Flags the guide may name that are not TrainConfig fields, each for a reason.
 CLI_FLAGS = {"--dry-run", "--help", "--debug", "--version", "--json"}  # train, estimate, qorpo
 MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-size",
-               "--verify", "--no-verify", "--force", "--allow-pickle"}  # qorpo merge (merge.md)
+               "--verify", "--no-verify", "--force", "--allow-pickle",
+               "--trust-remote-code"}  # qorpo merge (merge.md)
 OTHER_TOOLS = {"--index-url", "--num_processes", "--config_file", "--multi_gpu", "--cpu",  # pip,
                "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",  # accelerate,
                "--master_port"}  # torchrun

@@ -399,8 +399,14 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="already exists.*--force"):
         merge(adapter, out, verify=False)
     assert (out / "old.txt").read_text() == "keep me"
-    merge(adapter, out, verify=False, force=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    # --force replaces only an earlier merge's folder (issue 18 item 20): this one is the user's
+    with pytest.raises(MergeError, match="not one"):
+        merge(adapter, out, verify=False, force=True)
+    assert (out / "old.txt").read_text() == "keep me"
+    (out / "old.txt").unlink()
+    merge(adapter, out, verify=False, force=True)  # empty: fine
+    result = merge(adapter, out, verify=False, force=True)  # an earlier merge: replaced, said
+    assert (out / "model.safetensors").is_file() and any("replaced" in n for n in result.notes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base", "out"]
     with pytest.raises(MergeError, match="overwrite the input"):
         merge(adapter, adapter, verify=False, force=True)

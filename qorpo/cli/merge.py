@@ -83,11 +83,24 @@ def merge_command(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing output folder.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing output folder, if an earlier qorpo merge wrote it (or it "
+            "is empty); any other folder is refused.",
+        ),
     ] = False,
     allow_pickle: Annotated[
         bool,
         typer.Option("--allow-pickle", help="Allow .bin (pickle) weights (weights_only=True)."),
+    ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Run the base model's (or tokenizer's) own Python code (config auto_map); "
+            "without it such a base is refused and none of its code runs.",
+        ),
     ] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model."""
@@ -99,7 +112,8 @@ def merge_command(
             return merge(adapter_dir, out, base=base, dtype=dtype.value, into=into.value,
                          method=method.value, max_shard_size=max_shard_size, verify=verify,
                          force=force, allow_pickle=allow_pickle, progress=True,
-                         gguf=gguf.value if gguf is not None else None)
+                         gguf=gguf.value if gguf is not None else None,
+                         trust_remote_code=trust_remote_code)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the staging folder is already gone
             err_console.print(f"[yellow]Interrupted: nothing was written to {escape(str(out))}."
                               "[/]")
@@ -109,6 +123,8 @@ def merge_command(
     console.print(_merge_table(result))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
 
 def _merge_table(result: MergeResult) -> Table:

@@ -9,6 +9,7 @@ written under a temporary name next to its target (``qorpo.atomic``), verified
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from qorpo.errors import MergeError, MergeVerificationError
 from qorpo.export.gguf import (
     OUT_TYPES,
     check_config,
+    file_bytes,
     need,
     plan_tensors,
     read_config,
@@ -50,11 +52,13 @@ class GGUFResult(NamedTuple):
         return self._replace(path=folder / self.path.name, modelfile=folder / self.modelfile.name)
 
 
-def preflight(config: dict[str, Any], tokenizer_dir: Path, out_type: str) -> None:
+def preflight(
+    config: dict[str, Any], tokenizer_dir: Path, out_type: str, *, trust_remote_code: bool = False
+) -> None:
     """Raise :class:`MergeError` now for what the export would refuse later: the type, the
     architecture, hyper-parameters, rope scaling, the tokenizer kind and its pre-tokenizer."""
     check_config(config, out_type)
-    tokenizer_meta(tokenizer_dir, need(config, "vocab_size"))
+    tokenizer_meta(tokenizer_dir, need(config, "vocab_size"), trust_remote_code)
 
 
 def export_gguf(
@@ -66,17 +70,22 @@ def export_gguf(
     force: bool = False,
     verify: bool = True,
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> GGUFResult:
     """Write ``<out_dir>/<name>-<out_type>.gguf`` (+ ``.Modelfile``) from a merged model folder.
 
     ``out_dir`` defaults to ``model_dir``, ``name`` to its folder name. With ``verify`` (default)
     the file is read back by transformers' GGUF loader and compared with the HF model before it
-    gets its final name. Raises :class:`MergeError` (nothing written) or
-    :class:`MergeVerificationError` (nothing written; ``.report`` says what differed).
+    gets its final name. ``trust_remote_code``: allow a folder whose ``auto_map`` needs its own
+    code (refused otherwise; no code of it runs). Raises :class:`MergeError` (nothing written)
+    or :class:`MergeVerificationError` (nothing written; ``.report`` says what differed).
     """
+    from qorpo.merging.remote import check_custom_code
+
     start = time.perf_counter()
     src = Path(model_dir)
     config = read_config(src)
+    check_custom_code([src], trust_remote_code)
     arch, permute = check_config(config, out_type)
     out = Path(out_dir) if out_dir is not None else src
     name = name or src.resolve().name
@@ -86,22 +95,36 @@ def export_gguf(
         if path.exists() and not force:
             raise MergeError(f"{path} already exists; pass --force (force=True) to replace it")
     plan = plan_tensors(src, config, arch, permute, OUT_TYPES[out_type][0])
-    meta = tokenizer_meta(src, need(config, "vocab_size"))
+    meta = tokenizer_meta(src, need(config, "vocab_size"), trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     report = None
-    with replacing(final) as tmp:
-        write_gguf(tmp, config, arch, plan, meta, out_type, name, progress)
-        if verify:
-            from qorpo.export.verify import verify_gguf
+    try:
+        with replacing(final) as tmp:
+            write_gguf(tmp, config, arch, plan, meta, out_type, name, progress)
+            if verify:
+                from qorpo.export.verify import verify_gguf
 
-            report = verify_gguf(src, tmp, out_type=out_type)
-            if not report.passed:
-                raise MergeVerificationError(
-                    f"the GGUF file disagrees with the model it was exported from:\n"
-                    f"{report.summary()}",
-                    report,
+                report = verify_gguf(
+                    src, tmp, out_type=out_type, trust_remote_code=trust_remote_code
                 )
-        write_modelfile(modelfile, final.name, meta)  # then the GGUF is renamed into place
+                if not report.passed:
+                    raise MergeVerificationError(
+                        f"the GGUF file disagrees with the model it was exported from:\n"
+                        f"{report.summary()}",
+                        report,
+                    )
+            write_modelfile(modelfile, final.name, meta)  # then the GGUF is renamed into place
+    except OSError as exc:  # the temp file is gone; an earlier GGUF of that name untouched
+        from qorpo.merging.shards import WRITE_ERRNOS, write_error
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        weights = sum(math.prod(t.shape) for t in plan)
+        raise write_error(exc, final, file_bytes(weights, out_type), "the GGUF file") from None
+    from qorpo.merging.shards import add_to_marker
+
+    # into a merged folder: the files become that merge's, so a later --force may replace them
+    add_to_marker(out, [final.name, modelfile.name])
     has_rope_freqs = rope_freqs(config) is not None  # the one tensor not from the checkpoint
     return GGUFResult(
         final, modelfile, out_type, gguf.MODEL_ARCH_NAMES[arch], len(plan) + has_rope_freqs,

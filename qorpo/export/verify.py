@@ -102,23 +102,24 @@ def verify_gguf(
     gguf_path: str | os.PathLike[str],
     *,
     out_type: str,
+    trust_remote_code: bool = False,
 ) -> GGUFVerifyReport:
     """Compare ``gguf_path`` with the HF model in ``model_dir`` (see the module docstring)."""
     if out_type not in OUT_TYPES:
         raise MergeError(f"unknown GGUF type {out_type!r}; use one of {', '.join(OUT_TYPES)}")
     with quiet():
-        return _verify(Path(model_dir), Path(gguf_path), out_type)
+        return _verify(Path(model_dir), Path(gguf_path), out_type, trust_remote_code)
 
 
-def _verify(src: Path, path: Path, out_type: str) -> GGUFVerifyReport:
+def _verify(src: Path, path: Path, out_type: str, trust: bool = False) -> GGUFVerifyReport:
     from transformers import AutoTokenizer
 
     problems: list[str] = []
-    hf_tok = AutoTokenizer.from_pretrained(str(src))
+    hf_tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     ids = [prompt_ids(hf_tok, c) for c in chats]
     hf_config = read_config(src)
-    seqs, ref, rounded = _reference(src, ids, out_type)
+    seqs, ref, rounded = _reference(src, ids, out_type, trust)
     reader = gguf.GGUFReader(path)
     problems += _check_metadata(reader, hf_tok, hf_config)
     try:
@@ -169,7 +170,7 @@ def _read_back(
     from transformers import AutoTokenizer
 
     with _reader_dir(path) as (folder, name):
-        gg_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gg_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         if _field(reader, "tokenizer.ggml.pre") == "smollm":
             _llama_cpp_smollm_split(gg_tok)
         pairs = [(p, want, prompt_ids(gg_tok, [{"role": "user", "content": p}]))
@@ -206,12 +207,14 @@ def _logits(model: PreTrainedModel, seq: list[int]) -> torch.Tensor:
 
 
 def _reference(
-    src: Path, prompt_ids: list[list[int]], out_type: str
+    src: Path, prompt_ids: list[list[int]], out_type: str, trust: bool = False
 ) -> tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]:
     """Greedy continuations, the HF logits on them, then the logits with the export's rounding."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(src), dtype=torch.float32, trust_remote_code=trust
+    )
     seqs = []
     for ids in prompt_ids:
         seq = list(ids)
@@ -323,7 +326,7 @@ def _load_gguf_model(folder: str, name: str, hf: dict[str, Any]) -> tuple[Any, l
     """The GGUF model through transformers, plus differences of its config from config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     problems = []
     for key in _CONFIG_KEYS:
         a, b = getattr(cfg, key, None), hf.get(key)
@@ -342,6 +345,6 @@ def _load_gguf_model(folder: str, name: str, hf: dict[str, Any]) -> tuple[Any, l
         # metadata above); give the model the HF scaling so the logits are comparable.
         cfg.rope_parameters = {**cfg.rope_parameters, **rope}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, config=cfg, dtype=torch.float32
+        folder, gguf_file=name, config=cfg, dtype=torch.float32, trust_remote_code=False
     )
     return model.eval(), problems

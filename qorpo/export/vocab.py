@@ -69,7 +69,7 @@ def pre_tokenizer(tokenizer: dict[str, Any]) -> str:
     )
 
 
-def tokenizer_meta(src: Path, n_vocab: int) -> TokenizerMeta:
+def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> TokenizerMeta:
     """Vocabulary (``n_vocab`` entries, placeholders for ids the tokenizer lacks), merges,
     special ids, BOS/EOS policy and chat template of the tokenizer in ``src``."""
     from transformers import AutoTokenizer
@@ -77,7 +77,7 @@ def tokenizer_meta(src: Path, n_vocab: int) -> TokenizerMeta:
     if not (src / "tokenizer.json").is_file():
         kind = "a SentencePiece (tokenizer.model)" if (src / "tokenizer.model").is_file() else "no"
         raise MergeError(f"GGUF export needs a byte-level BPE tokenizer.json; {src} has {kind} one")
-    tok = AutoTokenizer.from_pretrained(str(src))
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
     # The tokenizer as transformers runs it (its class may replace tokenizer.json's pre-tokenizer,
     # e.g. Qwen2Tokenizer), which is also what llama.cpp's converter fingerprints.
     data = json.loads(tok.backend_tokenizer.to_str())

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from qorpo.errors import MergeError
-from qorpo.merging.checkpoint import check_pickle, load_tensors
+from qorpo.merging.checkpoint import check_pickle, load_tensors, unreadable
 
 PREFIX = "base_model.model."  # of every tensor key in a peft adapter file
 
@@ -135,7 +135,18 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
         raise MergeError(f"{cfg_file} not found: is {adapter_dir} a peft/qorpo adapter folder?")
-    return json.loads(cfg_file.read_text())
+    return read_json(cfg_file)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; a damaged or cut-short one is a MergeError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"cannot read {path}: {exc}; copy or save it again") from None
+    if not isinstance(value, dict):
+        raise MergeError(f"{path} holds no JSON object; copy or save it again")
+    return value
 
 
 def check_streamable(config: dict[str, Any]) -> None:
@@ -221,10 +232,11 @@ def adapter_keys(adapter_dir: Path, allow_pickle: bool) -> list[str]:
     if st_file.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(st_file), framework="pt") as fh:
+        with unreadable(st_file), safe_open(str(st_file), framework="pt") as fh:
             return [k.removeprefix(PREFIX) for k in fh.keys()]
     if bin_file.is_file():
         check_pickle(bin_file, allow_pickle)
-        state = torch.load(str(bin_file), map_location="cpu", weights_only=True, mmap=True)
+        with unreadable(bin_file):
+            state = torch.load(str(bin_file), map_location="cpu", weights_only=True, mmap=True)
         return [k.removeprefix(PREFIX) for k in state]
     raise MergeError(f"no adapter_model.safetensors (or .bin) in {adapter_dir}")

@@ -54,11 +54,35 @@ def load_tensors(folder: Path, stem: str, allow_pickle: bool) -> dict[str, torch
     if st_file.is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(st_file))
+        with unreadable(st_file):
+            return load_file(str(st_file))
     if bin_file.is_file():
         check_pickle(bin_file, allow_pickle)
-        return torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        with unreadable(bin_file):
+            return torch.load(str(bin_file), map_location="cpu", weights_only=True)
     raise MergeError(f"no {stem}.safetensors (or .bin) in {folder}")
+
+
+@contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """A weights file that does not parse (cut short by an interrupted copy or save, damaged)
+    is the user's to fix: one MergeError naming it instead of the reader's traceback."""
+    try:
+        yield
+    except MergeError:
+        raise
+    except OSError as exc:  # unreadable, not malformed: say why (permission denied, ...)
+        raise MergeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        malformed = (ValueError, RuntimeError, EOFError, KeyError, TypeError, struct.error)
+        if not isinstance(exc, malformed) and type(exc).__name__ != "SafetensorError":
+            raise
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise MergeError(
+            f"{path} cannot be read ({reason}): the file is damaged or cut short (an "
+            "interrupted copy or save?); copy or save it again"
+        ) from None
 
 
 def check_pickle(path: Path, allow_pickle: bool) -> None:
@@ -105,15 +129,22 @@ def _read_tensor(file: Path, key: str) -> torch.Tensor:
     """
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
+    with unreadable(file), safe_open(str(file), framework="pt") as handle:
         return handle.get_tensor(key)
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
+    """The tensor table, checked against the file's size (a copy cut short is caught here,
+    before anything is written, rather than mid-merge)."""
+    with unreadable(path), open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
+        if size > path.stat().st_size - 8:
+            raise ValueError(f"header of {size} bytes, file of {path.stat().st_size}")
         header = json.loads(fh.read(size))
-    header.pop("__metadata__", None)
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + size + end > path.stat().st_size:
+            raise ValueError(f"{8 + size + end} bytes expected, {path.stat().st_size} present")
     return dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
 
 
@@ -151,12 +182,16 @@ def _file_meta(file: Path, pickle: bool) -> dict[str, tuple[str, tuple[int, ...]
         if odd is not None:
             raise MergeError(f"{file.name}: tensor {odd!r} has unsupported dtype {meta[odd][0]}")
         return meta
-    state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    with unreadable(file):
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     return {k: (ST_NAMES[t.dtype], tuple(t.shape)) for k, t in state.items()}
 
 
-def resolve_base(ref: str, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
-    """A local folder, else a hub id looked up in the local HF cache (then downloaded if online)."""
+def resolve_base(
+    ref: str, *, revision: str | None = None, allow_pickle: bool = False, code: bool = False
+) -> Path:
+    """A local folder, else a hub id looked up in the local HF cache (then downloaded if online).
+    ``code``: the repo's Python files too (--trust-remote-code)."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -166,6 +201,7 @@ def resolve_base(ref: str, *, revision: str | None = None, allow_pickle: bool = 
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     patterns += ["*.bin"] if allow_pickle else []
+    patterns += ["*.py"] if code else []
     try:
         return Path(
             snapshot_download(

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,12 +15,13 @@ from typing import Any, NamedTuple
 import torch
 
 from qorpo.errors import MergeError
-from qorpo.merging.adapter import PREFIX
-from qorpo.merging.checkpoint import BaseCheckpoint, load_tensors
-from qorpo.merging.plan import ModelInfo, Plan, materialize
-from qorpo.merging.shards import ShardWriter, plan_shards
+from qorpo.merging.adapter import PREFIX, adapter_keys, read_adapter
+from qorpo.merging.checkpoint import ST_NAMES, BaseCheckpoint, load_tensors, nbytes
+from qorpo.merging.plan import ModelInfo, Plan, build_plan, materialize
+from qorpo.merging.shards import ShardWriter, parse_size, plan_shards
 from qorpo.quant import nf4_round_trip
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _SIZE_MISMATCH = re.compile(
     r"size mismatch for (?P<key>\S+?): copying a param with shape "
     r"torch\.Size\((?P<saved>\[[^]]*\])\) from checkpoint, "
@@ -59,6 +62,53 @@ def stream_merge(
         finally:
             writer.abort()
     return Merged(writer.names, plan.untied, plan.merged_modules, plan.replaced)
+
+
+def prepare(
+    adapter: Path,
+    ckpt: BaseCheckpoint,
+    info: ModelInfo,
+    out_dtype: torch.dtype,
+    *,
+    into: str,
+    method: str,
+    max_shard_size: str | int,
+    allow_pickle: bool,
+    compute_dtype: torch.dtype,
+    progress: bool,
+    trust_remote_code: bool,
+) -> tuple[Callable[[Path], Merged], int]:
+    """The merge method, ready to write into a folder, and the bytes of weights it will write.
+    The streaming plan is built, and fails, before the disk is touched."""
+    dequantize = into == "dequantized"
+    if method == "stream":
+        parsed = read_adapter(adapter, allow_pickle=allow_pickle)
+        plan = build_plan(
+            parsed, ckpt, info, out_dtype, dequantize=dequantize, compute_dtype=compute_dtype
+        )
+        write = partial(
+            stream_merge,
+            plan,
+            ckpt,
+            max_bytes=parse_size(max_shard_size),
+            compute_dtype=compute_dtype,
+            progress=progress,
+        )
+        return write, plan.nbytes
+    adapter_keys(adapter, allow_pickle)  # same pickle policy as the streaming path
+    need = sum(nbytes(ST_NAMES[out_dtype], s) for _, s in ckpt.meta.values())
+    write = partial(
+        full_merge,
+        adapter,
+        ckpt,
+        info,
+        out_dtype=out_dtype,
+        dequantize=dequantize,
+        max_shard_size=max_shard_size,
+        compute_dtype=compute_dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    return write, need
 
 
 def _release_freed_memory() -> None:
@@ -113,13 +163,17 @@ def full_merge(
     dequantize: bool,
     max_shard_size: str | int,
     compute_dtype: torch.dtype,
+    trust_remote_code: bool = False,
 ) -> Merged:
     """Load in fp32, let peft merge_and_unload(), cast and save. Handles any peft adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(base.path), dtype=torch.float32, use_safetensors=not base.pickle
+        str(base.path),
+        dtype=torch.float32,
+        use_safetensors=not base.pickle,
+        trust_remote_code=trust_remote_code,
     )
     if dequantize:
         with torch.no_grad():
@@ -142,7 +196,13 @@ def full_merge(
     )
     merged = peft_model.merge_and_unload()
     merged.to(out_dtype)
-    merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    try:
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    except Exception as exc:  # safetensors' writer reports a full disk as "... (os error 28)"
+        code = _OS_ERROR.search(str(exc))
+        if isinstance(exc, OSError) or code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from exc
     files = sorted(p.name for p in tmp.glob("*.safetensors"))
     return Merged(files, untied, n_modules, 0)
 

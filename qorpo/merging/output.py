@@ -57,13 +57,15 @@ def _write_generation_config(
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
 
 
-def _save_tokenizer(tmp: Path, source: Path, base_dir: Path) -> tuple[Any, list[str]]:
+def _save_tokenizer(
+    tmp: Path, source: Path, base_dir: Path, trust_remote_code: bool
+) -> tuple[Any, list[str]]:
     from transformers import AutoTokenizer
 
     notes = []
-    tok = AutoTokenizer.from_pretrained(str(source))
+    tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if not getattr(tok, "chat_template", None) and source != base_dir:
-        base_tok = AutoTokenizer.from_pretrained(str(base_dir))
+        base_tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
         if getattr(base_tok, "chat_template", None):
             tok.chat_template = base_tok.chat_template
             notes.append("adapter tokenizer has no chat template; took the base model's")
@@ -96,12 +98,13 @@ def write_model_files(
     dtype: str,
     untied: bool,
     settings: dict[str, Any],
+    trust_remote_code: bool = False,
 ) -> tuple[Path, list[str]]:
     """Everything but the weights: config, tokenizer (+ chat template), generation config, card.
     Returns where the tokenizer came from and notes for the user."""
     tok_src = tokenizer_source(adapter, base_dir)
     config = _write_config(tmp, base_dir, dtype, untied)
-    tokenizer, notes = _save_tokenizer(tmp, tok_src, base_dir)
+    tokenizer, notes = _save_tokenizer(tmp, tok_src, base_dir, trust_remote_code)
     _write_generation_config(tmp, base_dir, config, end_of_turn_ids(tokenizer))
     _write_readme(tmp, title, base_ref, adapter, settings)
     return tok_src, notes

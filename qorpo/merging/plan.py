@@ -30,7 +30,7 @@ class ModelInfo:
     keep_fp32: tuple[str, ...] = ()
 
 
-def model_info(base_dir: Path) -> ModelInfo:
+def model_info(base_dir: Path, *, trust_remote_code: bool = False) -> ModelInfo:
     """Instantiate the architecture on the meta device (no memory) to learn ties and 4-bit targets.
 
     The quantised set comes from transformers' own helpers (those ``load_in_4bit`` uses: every
@@ -43,9 +43,9 @@ def model_info(base_dir: Path) -> ModelInfo:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    cfg = AutoConfig.from_pretrained(str(base_dir))
+    cfg = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
     skip = HfQuantizer.get_modules_to_not_convert(model, None, keep)
     quantized: dict[str, bool] = {}

@@ -14,7 +14,6 @@ GGUF that fails its verification leaves nothing either.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -24,26 +23,35 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from qorpo._version import __version__
 from qorpo.errors import MergeError, MergeVerificationError
 from qorpo.hf import DTYPES, short_dtype_name
 from qorpo.merging.adapter import (
-    adapter_keys,
     locate_adapter,
-    read_adapter,
     read_adapter_config,
+    read_json,
 )
 from qorpo.merging.checkpoint import (
-    ST_NAMES,
     BaseCheckpoint,
-    nbytes,
     numel,
     open_base,
     resolve_base,
 )
-from qorpo.merging.methods import Merged, full_merge, stream_merge
+from qorpo.merging.identity import check_architecture
+from qorpo.merging.methods import Merged, prepare
 from qorpo.merging.output import tokenizer_source, write_model_files
-from qorpo.merging.plan import ModelInfo, build_plan, model_info
-from qorpo.merging.shards import check_disk, check_out_dir, parse_size, staging
+from qorpo.merging.plan import ModelInfo, model_info
+from qorpo.merging.remote import check_custom_code, copy_code
+from qorpo.merging.shards import (
+    WRITE_ERRNOS,
+    WriteError,
+    check_disk,
+    check_out_dir,
+    staging,
+    write_error,
+    write_marker,
+)
+from qorpo.merging.summary import summarize, trained_quant
 
 if TYPE_CHECKING:
     from qorpo.export.run import GGUFResult
@@ -69,6 +77,8 @@ class MergeResult(NamedTuple):
     notes: tuple[str, ...]
     seconds: float
     gguf: GGUFResult | None = None  # with gguf=: the .gguf + Modelfile, and their verification
+    # what the user should act on: a weak check, a merged model far from the trained one
+    warnings: tuple[str, ...] = ()
 
 
 def resolve_dtype(dtype: str, base_config: dict[str, Any]) -> tuple[str, str | None]:
@@ -99,6 +109,7 @@ def merge(
     progress: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     gguf: str | None = None,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge the LoRA adapter in ``adapter_dir`` into its base model and save it to ``out``.
 
@@ -107,6 +118,9 @@ def merge(
     ``compute_dtype``). ``verify=None`` verifies when the model comfortably fits in RAM.
     ``gguf`` ("f16" | "bf16" | "q8_0"): also write ``out/<out name>-<gguf>.gguf`` and an Ollama
     Modelfile, checked against the merged model under the same ``verify`` switch.
+    ``trust_remote_code``: allow a base (or tokenizer) whose ``auto_map`` needs its own Python
+    code; without it such a base is refused and no code of it runs.
+    ``force`` replaces only an empty folder or an earlier merge's output.
     Raises :class:`MergeError` (nothing written) or :class:`MergeVerificationError`.
     """
     start = time.perf_counter()
@@ -115,75 +129,51 @@ def merge(
             f"into must be original|dequantized and method stream|full, got {into!r}, {method!r}"
         )
     adapter = locate_adapter(Path(adapter_dir).expanduser().resolve())
-    base_ref, base_dir, base_config = _locate_base(adapter, base, allow_pickle)
     out_dir = Path(out).expanduser().absolute()
-    check_out_dir(out_dir, force, [adapter, base_dir])
+    check_out_dir(out_dir, force, [adapter])  # a bad --out fails before the base is looked up
+    base_ref, base_dir, base_config = _locate_base(adapter, base, allow_pickle, trust_remote_code)
+    replaced = check_out_dir(out_dir, force, [adapter, base_dir])
+    tok_dir = tokenizer_source(adapter, base_dir)
+    notes = check_custom_code([base_dir, tok_dir], trust_remote_code)
     if gguf is not None:  # what the export would refuse, refused before the merge
         from qorpo.export.run import preflight
 
-        preflight(base_config, tokenizer_source(adapter, base_dir), gguf)
+        preflight(base_config, tok_dir, gguf, trust_remote_code=trust_remote_code)
     ckpt = open_base(base_dir, allow_pickle=allow_pickle)
     n_params = sum(numel(shape) for _, shape in ckpt.meta.values())
     dtype_name, dtype_note = resolve_dtype(dtype, base_config)
-    out_dtype = DTYPES[dtype_name]
-    info, info_note = _model_info_or_none(base_dir, needed=into == "dequantized")
-    dequantize = into == "dequantized"
-    write: Callable[[Path], Merged]
-    if method == "stream":  # the plan is built, and fails, before the disk is touched
-        parsed = read_adapter(adapter, allow_pickle=allow_pickle)
-        plan = build_plan(
-            parsed, ckpt, info, out_dtype, dequantize=dequantize, compute_dtype=compute_dtype
-        )
-        need = plan.nbytes
-        write = partial(
-            stream_merge,
-            plan,
-            ckpt,
-            max_bytes=parse_size(max_shard_size),
-            compute_dtype=compute_dtype,
-            progress=progress,
-        )
-    else:
-        adapter_keys(adapter, allow_pickle)  # same pickle policy as the streaming path
-        need = sum(nbytes(ST_NAMES[out_dtype], s) for _, s in ckpt.meta.values())
-        write = partial(
-            full_merge,
-            adapter,
-            ckpt,
-            info,
-            out_dtype=out_dtype,
-            dequantize=dequantize,
-            max_shard_size=max_shard_size,
-            compute_dtype=compute_dtype,
-        )
+    info, info_note = _model_info_or_none(
+        base_dir, needed=into == "dequantized", trust_remote_code=trust_remote_code
+    )
+    write, need = prepare(
+        adapter, ckpt, info, DTYPES[dtype_name], into=into, method=method,
+        max_shard_size=max_shard_size, allow_pickle=allow_pickle, compute_dtype=compute_dtype,
+        progress=progress, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     if gguf is not None:
         from qorpo.export.gguf import file_bytes
 
         need += file_bytes(n_params, gguf)
     check_disk(out_dir.parent, need)
-    notes = [n for n in (dtype_note, info_note) if n]
-    with staging(out_dir) as tmp:
-        merged = write(tmp)
-        notes += [f"untied {k} from {info.tied[k]}: the adapter changes it" for k in merged.untied]
-        settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
-        settings |= {"max_shard_size": max_shard_size, "untied": ", ".join(merged.untied) or "-"}
-        if gguf is not None:
-            settings["gguf"] = f"{out_dir.name}-{gguf}.gguf"
-        tok_src, tok_notes = write_model_files(
-            tmp,
-            title=out_dir.name,
-            adapter=adapter,
-            base_dir=base_dir,
-            base_ref=base_ref,
-            dtype=dtype_name,
-            untied=bool(merged.untied),
-            settings=settings,
-        )
-        notes += tok_notes
-        report = _maybe_verify(tmp, adapter, ckpt, n_params, into, dtype_name, verify, notes)
-        exported = None
-        if gguf is not None:
-            exported = _export_gguf(tmp, out_dir.name, gguf, n_params, verify, notes, progress)
+    notes += [n for n in (dtype_note, info_note, replaced) if n]
+    settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
+    settings |= {"max_shard_size": max_shard_size}
+    step = partial(
+        _write_all, write=write, tied=info.tied, out_dir=out_dir, adapter=adapter,
+        base_dir=base_dir, base_ref=base_ref, ckpt=ckpt, n_params=n_params, settings=settings,
+        verify=verify, gguf=gguf, notes=notes, progress=progress,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    try:
+        with staging(out_dir) as tmp:
+            merged, tok_src, report, exported = step(tmp)
+    except WriteError as exc:  # the GGUF's, named after the staging folder: say it for out
+        raise write_error(exc.os_error, out_dir, need) from None
+    except OSError as exc:  # the staging folder is gone already; an earlier output untouched
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(exc, out_dir, need) from None
+    summary = summarize(report, into, trained_quant(adapter)) if report else None
     return MergeResult(
         out_dir=out_dir,
         base=base_dir,
@@ -198,16 +188,71 @@ def merge(
         untied=tuple(merged.untied),
         tokenizer_source=tok_src,
         verification=report,
-        notes=tuple(notes),
+        notes=tuple(notes + (summary.notes if summary else [])),
         seconds=time.perf_counter() - start,
         gguf=exported.moved_to(out_dir) if exported is not None else None,
+        warnings=tuple(summary.warnings if summary else ()),
     )
 
 
+def _write_all(
+    tmp: Path,
+    *,
+    write: Callable[[Path], Merged],
+    tied: dict[str, str],
+    out_dir: Path,
+    adapter: Path,
+    base_dir: Path,
+    base_ref: str,
+    ckpt: BaseCheckpoint,
+    n_params: int,
+    settings: dict[str, Any],
+    verify: bool | None,
+    gguf: str | None,
+    notes: list[str],
+    progress: bool,
+    trust_remote_code: bool,
+) -> tuple[Merged, Path, VerifyReport | None, GGUFResult | None]:
+    """Everything into the staging folder: weights, model files, check, GGUF, marker (last)."""
+    merged = write(tmp)
+    notes += [f"untied {k} from {tied[k]}: the adapter changes it" for k in merged.untied]
+    settings["untied"] = ", ".join(merged.untied) or "-"
+    if gguf is not None:
+        settings["gguf"] = f"{out_dir.name}-{gguf}.gguf"
+    if trust_remote_code:
+        copied = copy_code([base_dir], tmp)
+        notes += [f"copied the base's custom code: {', '.join(copied)}"] if copied else []
+    tok_src, tok_notes = write_model_files(
+        tmp,
+        title=out_dir.name,
+        adapter=adapter,
+        base_dir=base_dir,
+        base_ref=base_ref,
+        dtype=settings["dtype"],
+        untied=bool(merged.untied),
+        settings=settings,
+        trust_remote_code=trust_remote_code,
+    )
+    notes += tok_notes
+    report = _maybe_verify(
+        tmp, adapter, ckpt, n_params, settings["into"], settings["dtype"], verify, notes,
+        trust_remote_code,
+    )  # fmt: skip
+    exported = None
+    if gguf is not None:
+        exported = _export_gguf(
+            tmp, out_dir.name, gguf, n_params, verify, notes, progress, trust_remote_code
+        )
+    write_marker(tmp, {"qorpo_version": __version__, "adapter": str(adapter),
+                       "base": str(base_dir), **settings})
+    return merged, tok_src, report, exported
+
+
 def _locate_base(
-    adapter: Path, base: str | os.PathLike[str] | None, allow_pickle: bool
+    adapter: Path, base: str | os.PathLike[str] | None, allow_pickle: bool, trust_remote_code: bool
 ) -> tuple[str, Path, dict[str, Any]]:
-    """The base model (reference, folder, config): ``base`` or the adapter's, not pre-quantized."""
+    """The base model (reference, folder, config): ``base`` or the adapter's, not pre-quantized,
+    of the architecture the adapter was trained on."""
     adapter_cfg = read_adapter_config(adapter)
     base_ref = str(base) if base is not None else adapter_cfg.get("base_model_name_or_path")
     if not base_ref:
@@ -215,21 +260,29 @@ def _locate_base(
             f"{adapter}/adapter_config.json names no base_model_name_or_path; pass --base"
         )
     base_dir = resolve_base(
-        base_ref, revision=adapter_cfg.get("revision"), allow_pickle=allow_pickle
+        base_ref,
+        revision=adapter_cfg.get("revision"),
+        allow_pickle=allow_pickle,
+        code=trust_remote_code,
     )
-    base_config = json.loads((base_dir / "config.json").read_text())
+    if not (base_dir / "config.json").is_file():
+        raise MergeError(f"base model folder {base_dir} has no config.json; pass --base")
+    base_config = read_json(base_dir / "config.json")
     if base_config.get("quantization_config"):
         raise MergeError(
             f"base {base_dir} is a pre-quantized checkpoint "
             f"({base_config['quantization_config'].get('quant_method')}); "
             "merge into the original 16/32-bit model instead: pass --base <original model>"
         )
+    check_architecture(adapter, adapter_cfg, base_dir, base_config)
     return base_ref, base_dir, base_config
 
 
-def _model_info_or_none(base_dir: Path, *, needed: bool) -> tuple[ModelInfo, str | None]:
+def _model_info_or_none(
+    base_dir: Path, *, needed: bool, trust_remote_code: bool
+) -> tuple[ModelInfo, str | None]:
     try:
-        return model_info(base_dir), None
+        return model_info(base_dir, trust_remote_code=trust_remote_code), None
     except Exception as exc:  # noqa: BLE001 - unknown/custom architecture
         if needed:
             raise MergeError(
@@ -248,6 +301,7 @@ def _maybe_verify(
     dtype: str,
     verify: bool | None,
     notes: list[str],
+    trust_remote_code: bool,
 ) -> VerifyReport | None:
     from qorpo.merging.verify import verification_budget, verify_merged
 
@@ -265,6 +319,7 @@ def _maybe_verify(
         dtype=dtype,
         use_safetensors=not ckpt.pickle,
         other=None if ok else False,
+        trust_remote_code=trust_remote_code,
     )
     if not report.passed:
         raise MergeVerificationError(
@@ -281,6 +336,7 @@ def _export_gguf(
     verify: bool | None,
     notes: list[str],
     progress: bool,
+    trust_remote_code: bool,
 ) -> GGUFResult:
     """The GGUF into the staging folder; verified under the merge's switch and memory rule."""
     from qorpo.export.run import export_gguf
@@ -292,4 +348,5 @@ def _export_gguf(
         check, why = verification_budget(n_params, copies=FP32_COPIES)
         if not check:
             notes.append(f"GGUF verification skipped: {why}; pass --verify to force it")
-    return export_gguf(tmp, tmp, out_type=out_type, name=name, verify=check, progress=progress)
+    return export_gguf(tmp, tmp, out_type=out_type, name=name, verify=check, progress=progress,
+                       trust_remote_code=trust_remote_code)

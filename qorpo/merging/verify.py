@@ -120,13 +120,20 @@ def _free(*objs: Any) -> None:
 
 
 def load_reference(
-    base_dir: Path, adapter_dir: Path, *, four_bit: bool, use_safetensors: bool = True
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    four_bit: bool,
+    use_safetensors: bool = True,
+    trust_remote_code: bool = False,
 ) -> Any:
-    """base + adapter as peft builds it; ``four_bit``: the NF4 double-quant base of training."""
+    """base + adapter as peft builds it; ``four_bit``: the NF4 double-quant base of training.
+    (peft builds on the model given: it loads no model code of its own.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": use_safetensors}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": use_safetensors,
+                              "trust_remote_code": trust_remote_code}
     if four_bit:
         kwargs["quantization_config"] = bnb_config("4bit", torch.float32)
         kwargs["device_map"] = "cpu"
@@ -144,9 +151,14 @@ def _reference_logits(
     four_bit: bool,
     use_safetensors: bool,
     with_base: bool,
+    trust_remote_code: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     model = load_reference(
-        base_dir, adapter_dir, four_bit=four_bit, use_safetensors=use_safetensors
+        base_dir,
+        adapter_dir,
+        four_bit=four_bit,
+        use_safetensors=use_safetensors,
+        trust_remote_code=trust_remote_code,
     )
     ref = logits_of(model, ids)
     base_only = None
@@ -189,11 +201,19 @@ def verify_merged(
     dtype: str = "fp32",
     other: bool | None = None,
     use_safetensors: bool = True,
+    trust_remote_code: bool = False,
 ) -> VerifyReport:
     """Compare ``merged_dir`` with base + adapter; ``other=None`` adds the other gap when cheap."""
     with quiet():
         return _verify(
-            Path(merged_dir), Path(adapter_dir), Path(base_dir), into, dtype, other, use_safetensors
+            Path(merged_dir),
+            Path(adapter_dir),
+            Path(base_dir),
+            into,
+            dtype,
+            other,
+            use_safetensors,
+            trust_remote_code,
         )
 
 
@@ -205,11 +225,13 @@ def _verify(
     dtype: str,
     other: bool | None,
     use_safetensors: bool,
+    trust: bool,
 ) -> VerifyReport:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ids = prompt_batch(AutoTokenizer.from_pretrained(str(merged_dir)))
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))  # its own dtype, no peft
+    ids = prompt_batch(AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust))
+    # its own dtype, no peft
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), trust_remote_code=trust)
     n_params = sum(p.numel() for p in merged.parameters())
     got = logits_of(merged, ids)
     noise = 0.0
@@ -224,6 +246,7 @@ def _verify(
         four_bit=four_bit,
         use_safetensors=use_safetensors,
         with_base=True,
+        trust_remote_code=trust,
     )
     gap = compare(ref, got)
     tolerance = max(RTOL[dtype] * max(1.0, gap.ref_absmax), NOISE_MULT * noise)
@@ -237,6 +260,7 @@ def _verify(
             four_bit=not four_bit,
             use_safetensors=use_safetensors,
             with_base=False,
+            trust_remote_code=trust,
         )
         other_gap = compare(other_ref, got)
     names = {True: "4-bit NF4 base + adapter (as trained)", False: "fp32 base + adapter (peft)"}
