@@ -360,3 +360,22 @@ def test_planned_steps_are_the_trainers_steps(work):
     assert planned.metrics["steps"] == 6
     train(**quick(model, data, out, **kw))
     assert json.loads((out / RUN_FILE).read_text())["step"] == 6
+
+
+def test_8_a_real_run_records_its_base_and_merge_refuses_another(work, tmp_path):
+    """End to end: what training records in qorpo_run.json is what merge checks (the data
+    folder's copy of the adapter has no other clue: base_model_name_or_path points nowhere)."""
+    from qorpo.errors import MergeError
+    from qorpo.merging import merge
+
+    root, model, data = work
+    out = root / "arch-run"
+    train(**quick(model, data, out, max_steps=1))
+    base = json.loads((out / RUN_FILE).read_text())["base_model"]
+    assert base["model_type"] == "llama" and base["architectures"] == ["LlamaForCausalLM"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                         "base_model_name_or_path": "gone"}))
+    qwen = make_model(tmp_path / "qwen2", arch="qwen2", tie=True)
+    with pytest.raises(MergeError, match=r"llama.*qwen2"):
+        merge(out, tmp_path / "merged", base=qwen, verify=False)
