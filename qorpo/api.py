@@ -139,6 +139,8 @@ def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
         data = prepare_data(cfg, tokenizer, console=console)
     steps = planned_steps(cfg, len(data.train), procs.num_processes)
     console.print(start_table(cfg, device, dtype, data, steps, procs.num_processes))
+    for note in check_context(cfg, data):
+        console.print(f"[yellow]note:[/] {note}")
     memory = memory_estimate(cfg, data, device.type)
     if dry_run or (memory.fits is False):
         console.print(estimate_table(memory))
@@ -269,6 +271,25 @@ def base_model_identity(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     config = unwrap(model).config
     return {"name_or_path": cfg.model, "model_type": getattr(config, "model_type", None),
             "architectures": list(getattr(config, "architectures", None) or [])}
+
+
+def check_context(cfg: TrainConfig, data: Any) -> list[str]:
+    """Pairs longer than the model's context (max_position_embeddings) are refused: positions
+    past it are untrained, or out of range. A --max-length above it that no pair reaches only
+    gets a note (positions are pair-relative in every layout, so a pair is what must fit)."""
+    from qorpo.memory.plan import model_shape, pair_lengths
+
+    context = model_shape(cfg.model, cfg.revision, cfg.trust_remote_code).context
+    if context is None or cfg.max_length <= context:
+        return []
+    pairs = [*pair_lengths(data.train), *(pair_lengths(data.eval) if data.eval else [])]
+    longest = max((p + max(c, r) for p, c, r in pairs), default=0)
+    if longest > context:
+        raise ConfigError([f"max_length: pairs of up to {longest:,} tokens are longer than "
+                           f"{cfg.model}'s context of {context:,} (max_position_embeddings); "
+                           f"use --max-length {context} or less"])
+    return [f"--max-length {cfg.max_length:,} is above the model's context of {context:,}; "
+            f"no pair here is longer than {longest:,} tokens, so none goes past it"]
 
 
 def memory_estimate(cfg: TrainConfig, data: Any, device: str,

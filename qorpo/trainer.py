@@ -166,7 +166,7 @@ class ORPOTrainer(Trainer):
         vals |= {name: getattr(out, field).float().sum() for name, field in _PAIR_METRICS.items()}
         device = out.loss.device
         row = torch.stack([torch.as_tensor(vals[k], dtype=torch.float64, device=device)
-                           for k in _SUMS])
+                           for k in _SUMS]).detach()  # metrics only: keep no autograd graph
         self.sums = row if self.sums is None else self.sums + row
 
     def _train_means(self) -> dict[str, float]:

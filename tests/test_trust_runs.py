@@ -379,3 +379,23 @@ def test_8_a_real_run_records_its_base_and_merge_refuses_another(work, tmp_path)
     qwen = make_model(tmp_path / "qwen2", arch="qwen2", tie=True)
     with pytest.raises(MergeError, match=r"llama.*qwen2"):
         merge(out, tmp_path / "merged", base=qwen, verify=False)
+
+
+def test_12_pairs_longer_than_the_models_context_are_refused(work, tmp_path):
+    """The tiny model's context is 512 (max_position_embeddings): --max-length 1024 with pairs
+    that reach past it is refused before the model loads; pairs that all fit get a note."""
+    from qorpo.errors import ConfigError
+
+    root, model, data = work
+    assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 512
+    long = tmp_path / "long.jsonl"
+    words = " ".join(f"word{i}" for i in range(400))
+    long.write_text("".join(json.dumps({"prompt": f"q{i} {words}", "chosen": f"yes {words}",
+                                        "rejected": f"no {words}"}) + "\n" for i in range(4)))
+    kw = dict(max_length=1024, max_prompt_length=512)
+    with pytest.raises(ConfigError, match=r"longer than .*context of 512.*--max-length 512"):
+        train(**quick(model, long, tmp_path / "long-run", **kw), dry_run=True)
+    result = cli(*train_flags(model, data, tmp_path / "short-run", "--dry-run",
+                              "--max-length", "1024", "--max-prompt-length", "512"))
+    assert result.exit_code == 0, result.output
+    assert "above the model's context of 512" in " ".join(result.output.split())

@@ -62,12 +62,14 @@ _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "ass
 
 # ----------------------------------------------------------------------------- detection
 def detect_format(
-    column_names: Sequence[str], first_row: Mapping[str, Any], columns_mapping: Mapping[str, str]
+    column_names: Sequence[str], first_row: Mapping[str, Any], columns_mapping: Mapping[str, str],
+    source: str = "the data",
 ) -> str:
-    """Name of the format of a dataset from its columns (and the first usable row's types)."""
+    """Name of the format of a dataset from its columns (and the first usable row's types);
+    `source` (the file or hub name) is named in the error when none fits."""
     cols = set(column_names)
     if columns_mapping:
-        _check_mapping(cols, columns_mapping)
+        _check_mapping(cols, columns_mapping, source)
         return "columns"
     if {"chosen_messages", "rejected_messages"} <= cols:
         return "messages"
@@ -87,18 +89,26 @@ def detect_format(
             return "explicit"
         elif isinstance(chosen, str) and "Human:" in chosen and "Assistant:" in chosen:
             return "hh-rlhf"
-    raise DataError(_unknown_format_message(sorted(cols)))
+    raise DataError(_unknown_format_message(sorted(cols), first_row, source))
 
 
-def _unknown_format_message(cols: list[str]) -> str:
+def _unknown_format_message(cols: list[str], first_row: Mapping[str, Any], source: str) -> str:
     known = "\n".join(f"  {name:14s} {desc}" for name, desc in FORMAT_HELP.items())
-    return (f"could not detect the preference-data format. Columns found: {cols}.\n"
+    types = ", ".join(f"{k} {type(first_row[k]).__name__}" for k in cols if k in first_row)
+    why = ""
+    if {"chosen", "rejected"} <= set(cols):  # the usual near miss: say which rule failed
+        why = (" chosen/rejected are there, but there is no prompt column, and chosen is "
+               "neither a '\\n\\nHuman: …\\n\\nAssistant: …' transcript nor a conversation "
+               "that holds the prompt turns.")
+    types = f" (first row: {types})" if types else ""
+    return (f"could not detect the preference-data format of {source}. Columns found: "
+            f"{cols}{types}.{why}\n"
             f"Known formats:\n{known}\n"
             "Map your columns with --columns, e.g. --columns prompt=question,chosen=good,"
             "rejected=bad (YAML: columns: {prompt: question, ...}).")
 
 
-def _check_mapping(cols: set[str], mapping: Mapping[str, str]) -> None:
+def _check_mapping(cols: set[str], mapping: Mapping[str, str], source: str) -> None:
     wanted = {k: mapping.get(k, k) for k in ("chosen", "rejected")}
     if "prompt" in mapping or "prompt" in cols:  # else chosen/rejected hold whole conversations
         wanted["prompt"] = mapping.get("prompt", "prompt")
@@ -107,7 +117,7 @@ def _check_mapping(cols: set[str], mapping: Mapping[str, str]) -> None:
     missing = {k: v for k, v in wanted.items() if v not in cols}
     if missing:
         shown = ", ".join(f"{k}={v}" for k, v in missing.items())
-        raise DataError(f"--columns maps {shown}, but the data has no such column. "
+        raise DataError(f"--columns maps {shown}, but {source} has no such column. "
                         f"Columns found: {sorted(cols)}. Fix the mapping (keys: prompt, "
                         "chosen, rejected, system).")
 

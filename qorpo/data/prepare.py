@@ -181,7 +181,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
 
 def _prepare_one(rows: datasets.Dataset, idx: list[int], cfg: TrainConfig, enc: Encoder,
                  source: str, console: Console | None) -> tuple[datasets.Dataset, DataReport]:
-    fmt = detect_format(rows.column_names, _first_usable(rows), cfg.columns)
+    fmt = detect_format(rows.column_names, _first_usable(rows), cfg.columns, source)
     how = "from --columns" if fmt == "columns" else "detected"
     if console is not None:
         console.print(f"[bold]data[/]: {source} → format [cyan]{fmt}[/] ({how}), "

@@ -51,6 +51,9 @@ def _load_file(path: Path) -> datasets.Dataset:
         table = (pyarrow.parquet.read_table(path) if suffix == ".parquet"
                  else pyarrow.csv.read_csv(path, convert_options=_csv_as_text(path)))
     except Exception as exc:  # pyarrow raises several types for a corrupt file
+        bad = _first_non_utf8(path) if suffix == ".csv" else None
+        if bad is not None:  # (the header is read by Python, the rest by pyarrow)
+            raise _not_utf8(path, *bad) from exc
         raise DataError(f"{path}: could not read the {suffix[1:]} file: {exc}") from exc
     if table.num_rows == 0:
         raise DataError(f"{path}: the file has no rows")
@@ -71,10 +74,12 @@ def _csv_as_text(path: Path) -> Any:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     """A JSON array of objects, or JSON Lines (one object per line); errors name file:line."""
+    raw = path.read_bytes()
     try:  # utf-8-sig: files saved by Windows editors start with a byte-order mark
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8.") from exc
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        raise _not_utf8(path, exc.start + bom, raw.count(b"\n", 0, exc.start + bom) + 1) from exc
     head = text.lstrip()[:1]
     if head == "[" or (path.suffix.lower() == ".json" and head == "{" and _single_object(text)):
         try:
@@ -85,7 +90,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         rows = _unwrap(data, path)
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085,
+        # which json.dumps(..., ensure_ascii=False) leaves raw inside strings.
+        for n, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -99,6 +107,37 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise DataError(f"{path}: the file has no rows")
     return rows
+
+
+def _not_utf8(path: Path, offset: int, line: int) -> DataError:
+    how = ("a spreadsheet's \"CSV UTF-8\" export, or " if path.suffix.lower() == ".csv"
+           else "")
+    return DataError(f"{path}: not UTF-8 text (byte {offset:,}, line {line}): qorpo reads data "
+                     f"files as UTF-8. Save the file as UTF-8 (e.g. {how}`iconv -f latin1 -t "
+                     f"utf-8 IN > OUT` for Latin-1 text).")
+
+
+def _first_non_utf8(path: Path) -> tuple[int, int] | None:
+    """(byte offset, line) of the first byte that is not UTF-8 text, or None: read in blocks
+    (only when pyarrow already failed, so a good file is not read twice)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                # exc.start counts from the decoder's pending bytes (<= 3) plus this block
+                start = max(0, exc.start - len(exc.object) + len(block))
+                return offset + start, lines + block.count(b"\n", 0, start)
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset, lines
+    return None
 
 
 def _single_object(text: str) -> bool:

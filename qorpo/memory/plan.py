@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from qorpo.config import parse_memory_size
+from qorpo.errors import ConfigError
 from qorpo.memory.formula import GIB, USABLE_FRACTION, MemoryEstimate, Workload, estimate
 from qorpo.memory.shapes import ModelShape
 
@@ -257,26 +258,42 @@ def allocator_bound(shape: ModelShape, live: MemoryEstimate, unchecked: MemoryEs
 
 
 def largest_fits(shape: ModelShape, capacity: Capacity, *, layout: str = "packed",
-                 kernel: str | None = None, **kwargs: Any) -> dict[str, int]:
-    """Without data: the longest max_length (batch 1) and the largest batch (at 1,024 tokens)
-    whose worst-case estimate fits (on the CPU: with the thresholds pinned where needed)."""
+                 kernel: str | None = None, max_length: int = 1024,
+                 **kwargs: Any) -> dict[str, int]:
+    """Without data: the longest max_length (batch 1; never past the model's context) and the
+    largest batch at `max_length` tokens whose worst-case estimate fits (on the CPU: with the
+    thresholds pinned where needed)."""
 
-    def fits(max_length: int, batch: int) -> bool:
-        lens = assumed_lengths(max_length) * batch
+    def fits(length: int, batch: int) -> bool:
+        lens = assumed_lengths(length) * batch
         work = workload(lens, layout, hidden=shape.hidden, kernel=kernel)
         return estimate(shape, workload=work, device=capacity.device,
                         **kwargs).total <= capacity.bytes
 
     length = 0
-    for n in (256, 512, 1024, 2048, 4096, 8192, 16384, 32768):
-        if fits(n, 1):
-            length = n
+    steps = {256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072}
+    if shape.context is not None:  # the model's own context is a candidate too (e.g. 40,960)
+        steps = {n for n in steps if n < shape.context} | {shape.context}
+    for n in sorted(steps):
+        if not fits(n, 1):
+            break
+        length = n
     batch = 0
     for b in range(1, 65):
-        if not fits(1024, b):
+        if not fits(max_length, b):
             break
         batch = b
-    return {"max_length_at_batch_1": length, "batch_at_1024": batch}
+    return {"max_length_at_batch_1": length, "batch_at_max_length": batch,
+            "max_length": max_length}
+
+
+def check_context(max_length: int, shape: ModelShape) -> None:
+    """ConfigError when --max-length is longer than the model takes (its context, from
+    config.json): positions past it are untrained (or out of range) on every model."""
+    if shape.context is not None and max_length > shape.context:
+        raise ConfigError([f"max_length: {max_length:,} tokens is longer than {shape.name}'s "
+                           f"context of {shape.context:,} (max_position_embeddings in its "
+                           f"config.json); use --max-length {shape.context} or less"])
 
 
 # ----------------------------------------------------------------------------- a training run

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -19,6 +19,9 @@ class ModelShape:
     kv_heads: int
     tied: bool  # input embedding and output head share one matrix
     checkpoint_bytes: int = 2  # bytes per weight in the checkpoint files (bf16/fp16: 2, fp32: 4)
+    # the longest sequence the model takes (None: not stated); not a number memory depends
+    # on, so two shapes that differ only here are equal
+    context: int | None = field(default=None, compare=False)
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +104,25 @@ def shape_from_config(config: Any, name: str = "") -> ModelShape:
         kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
         checkpoint_bytes=_checkpoint_bytes(config),
+        context=context_length(cfg),
     )
+
+
+def context_length(cfg: Any) -> int | None:
+    """The longest sequence a (text) config takes: max_position_embeddings, stretched by a
+    RoPE scaling that extends it (linear, dynamic, yarn: Qwen2.5's documented yarn factor 4 on
+    32,768 gives 131,072); None when the config does not say."""
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    base = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(base, int) or base <= 0:
+        return None
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) and factor > 1:
+        original = rope.get("original_max_position_embeddings") or base
+        return max(base, int(original * factor))
+    return base
 
 
 def _checkpoint_bytes(config: Any) -> int:
