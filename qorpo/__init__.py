@@ -13,7 +13,7 @@ from typing import Any
 
 from qorpo._version import __version__
 
-__all__ = ["TrainConfig", "__version__", "merge", "train"]
+__all__ = ["TrainConfig", "__version__", "evaluate", "merge", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from qorpo.merging import merge
 
         return merge
+    if name == "evaluate":
+        from qorpo.evaluation import evaluate
+
+        return evaluate
     if name == "TrainConfig":
         from qorpo.config import TrainConfig
 

@@ -245,6 +245,11 @@ def fit(ready: Setup, built: Built, console: Console) -> TrainResult:
              "after": generate(model, ready.tokenizer, p, adapter=True)}
             for p, b in zip(prompts, gens_before, strict=True)]
     if procs.is_main_process:
+        from qorpo.plot import plot_finished_run
+
+        note = plot_finished_run(out_dir)  # OUT/curves.png; a plot never fails a finished run
+        if note:
+            console.print(f"[yellow]note:[/] {note}")
         runs.finish(out_dir, trainer.state.global_step)
     metrics |= measured_memory(built.memory, ready.device.type)
     console.print(summary_table(out_dir, metrics, before, gens))

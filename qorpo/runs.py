@@ -29,10 +29,11 @@ RUN_FILE = "qorpo_run.json"
 CHECKPOINT_MARKER = "qorpo_checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "qorpo_config.yaml"
+CURVES_FILE = "curves.png"  # the training curves (qorpo.plot), drawn when the run finishes
 SAVING = ".saving"  # the adapter is written here, then renamed into the folder (api.save_adapter)
 # What a run writes before its adapter exists; the adapter's files are added when it is saved.
 # "runs": the Trainer's TensorBoard logs (OUTPUT_DIR/runs/DATE_HOST).
-_FIRST_WRITTEN = (CONFIG_FILE, RUN_FILE, METRICS_FILE, SAVING)
+_FIRST_WRITTEN = (CONFIG_FILE, RUN_FILE, METRICS_FILE, SAVING, CURVES_FILE)
 # Folders of earlier qorpo versions list nothing: these are the names those versions wrote.
 _LEGACY_WRITTEN = (*_FIRST_WRITTEN, "runs", "adapter_config.json", "adapter_model.safetensors",
                    "README.md", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",

@@ -56,12 +56,25 @@ MERGE_FLAGS = {"--out", "--base", "--dtype", "--into", "--method", "--max-shard-
                "--trust-remote-code"}  # qorpo merge (merge.md)
 OTHER_TOOLS = {"--index-url", "--num_processes", "--config_file", "--multi_gpu", "--cpu",  # pip,
                "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",  # accelerate,
-               "--master_port"}  # torchrun
+               "--master_port", "--logdir"}  # torchrun, tensorboard
 # scripts/memory_table.py, gen_docs.py, bench_scale.py, bench_speed.py, bench_allocators.py
 SCRIPT_FLAGS = {"--check", "--no-write", "--fsdp", "--device", "--preset", "--malloc", "--quick",
                 "--models", "--lengths", "--repeats", "--threads", "--variants"}
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+
+
+def command_flags() -> set[str]:
+    """Every option of every `qorpo` command (eval, plot, ...), as the CLI itself declares it."""
+    import typer
+
+    from qorpo.cli import app
+
+    flags = {"--help"}
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            flags |= {o for o in [*param.opts, *param.secondary_opts] if o.startswith("--")}
+    return flags
 
 
 def train_flags() -> set[str]:
@@ -75,9 +88,9 @@ def train_flags() -> set[str]:
     return flags
 
 
-@pytest.mark.parametrize("doc", ["guide.md", "memory.md"])
+@pytest.mark.parametrize("doc", ["guide.md", "memory.md", "eval.md"])
 def test_every_flag_in_the_docs_exists(doc):
-    known = train_flags() | CLI_FLAGS | MERGE_FLAGS | OTHER_TOOLS | SCRIPT_FLAGS
+    known = train_flags() | CLI_FLAGS | MERGE_FLAGS | OTHER_TOOLS | SCRIPT_FLAGS | command_flags()
     found = set(FLAG.findall((DOCS / doc).read_text()))
     assert found, "the pattern found no flags at all"
     assert found - known == set(), f"{doc} names flags that qorpo does not have"

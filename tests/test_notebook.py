@@ -146,7 +146,7 @@ HUB_REPO = ""
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     by_source = {key: next(c for c in code if key in c.source)
-                 for key in ("plt.show()", "qorpo.merge(result.output_dir", "model.generate(")}
+                 for key in ("plot_runs(", "qorpo.merge(result.output_dir", "model.generate(")}
 
     # training wrote the adapter and the metrics the plot reads
     assert (out / "adapter_model.safetensors").is_file()
@@ -155,7 +155,7 @@ HUB_REPO = ""
     assert any("eval_rewards/accuracy" in r for r in logs)
 
     # the plot cell drew an image
-    plot_outputs = by_source["plt.show()"].outputs
+    plot_outputs = by_source["plot_runs("].outputs
     assert any("image/png" in o.get("data", {}) for o in plot_outputs), plot_outputs
 
     # the merged folder is a plain transformers model, verified against base + adapter

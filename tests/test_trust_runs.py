@@ -359,7 +359,11 @@ def test_planned_steps_are_the_trainers_steps(work):
     planned = train(**quick(model, data, out, **kw), dry_run=True)
     assert planned.metrics["steps"] == 6
     train(**quick(model, data, out, **kw))
-    assert json.loads((out / RUN_FILE).read_text())["step"] == 6
+    state = json.loads((out / RUN_FILE).read_text())
+    assert state["step"] == 6
+    # the finished run draws its curves, and lists them as its own (what --overwrite removes)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in state["written"]
 
 
 def test_8_a_real_run_records_its_base_and_merge_refuses_another(work, tmp_path):

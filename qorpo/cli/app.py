@@ -14,7 +14,9 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from qorpo._version import __version__
 from qorpo.cli.estimate import estimate_command
+from qorpo.cli.eval import eval_command
 from qorpo.cli.merge import merge_command
+from qorpo.cli.plot import plot_command
 from qorpo.cli.report import console
 from qorpo.cli.train import train_command
 
@@ -96,6 +98,8 @@ def _main(
 app.command("train", cls=QorpoCommand)(train_command)
 app.command("estimate", cls=QorpoCommand)(estimate_command)
 app.command("merge", cls=QorpoCommand)(merge_command)
+app.command("eval", cls=QorpoCommand)(eval_command)
+app.command("plot", cls=QorpoCommand)(plot_command)
 
 
 @app.command("version", cls=QorpoCommand)
