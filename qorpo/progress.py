@@ -150,7 +150,9 @@ def summary_table(out_dir: Path, metrics: dict[str, float], before: dict[str, fl
     from rich.markup import escape
 
     merge_cmd = f"qorpo merge {shlex.quote(str(out_dir))} --out {shlex.quote(f'{out_dir}-merged')}"
-    t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl → {out_dir}\n"
+    q = shlex.quote(str(out_dir))
+    t.caption = (f"adapter, tokenizer, qorpo_config.yaml, metrics.jsonl, curves.png → "
+                 f"{escape(str(out_dir))}\nscore held-out pairs: {escape(f'qorpo eval {q}')}\n"
                  f"merge: {escape(merge_cmd)}")
     return t
 
