@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMP = ".*.tmp-*"  # qorpo.atomic's temp names
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_gguf import _one_thread  # noqa: E402,F401  (autouse: one torch thread)
 
 
 def cli(*args: str) -> Any:
@@ -119,10 +115,7 @@ def test_4_custom_code_refused_by_the_api_and_run_only_with_the_flag(tmp_path: P
 
 def test_4_custom_tokenizer_code_refused(tmp_path: Path, pair) -> None:
     _, base, adapter = pair
-    tok_adapter = tmp_path / "a"
-    tok_adapter.mkdir()
-    for f in adapter.iterdir():
-        (tok_adapter / f.name).write_bytes(f.read_bytes())
+    tok_adapter = shutil.copytree(adapter, tmp_path / "a")
     (tok_adapter / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "EvilTokenizer",
          "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
@@ -260,10 +253,7 @@ def test_6_truncated_adapter_file_is_named(tmp_path: Path, pair) -> None:
 
 def test_6_truncated_base_shard_is_named_before_writing(tmp_path: Path, pair) -> None:
     _, base, adapter = pair
-    cut = tmp_path / "base"
-    cut.mkdir()
-    for f in base.iterdir():
-        (cut / f.name).write_bytes(f.read_bytes())
+    cut = shutil.copytree(base, tmp_path / "base")
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(MergeError, match=r"model\.safetensors cannot be read.*cut short"):
