@@ -7,15 +7,15 @@ docs' option table are generated from this file and cannot drift from it.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from qorpo.errors import ConfigError
+from qorpo.options import Options, coerce, option
+from qorpo.options import field_table as options_table
 from qorpo.validation import config_problems, parse_memory_size
 
 __all__ = ["TrainConfig", "coerce", "field_table", "parse_memory_size"]
@@ -32,110 +32,107 @@ ACTIONS = frozenset({"resume", "overwrite"})
 DEFAULT_CHUNK_SIZE = 256
 
 
-def _f(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"group": group, "help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     # --- Model -----------------------------------------------------------------------------
-    model: str | None = _f(
+    model: str | None = option(
         None, "Model", "Hub id or local folder of a causal LM. Empty: the offline demo model "
         "(SmolLM2-135M-Instruct, fetched from PyPI).")
-    revision: str | None = _f(None, "Model", "Hub revision (branch, tag or commit).")
-    quant: str = _f("4bit", "Model", "Base weight quantisation.", ("4bit", "8bit", "none"))
-    dtype: str = _f(
+    revision: str | None = option(None, "Model", "Hub revision (branch, tag or commit).")
+    quant: str = option("4bit", "Model", "Base weight quantisation.", ("4bit", "8bit", "none"))
+    dtype: str = option(
         "auto", "Model", "Compute dtype. auto: bf16 on CUDA with bf16, fp16 on older CUDA "
         "(T4/V100), fp32 on CPU.", ("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = _f(True, "Model", "Non-reentrant gradient checkpointing.")
-    trust_remote_code: bool = _f(False, "Model", "Run model/tokenizer code from the hub repo.")
-    allow_pickle: bool = _f(False, "Model", "Allow .bin (pickle) weights; safetensors only "
-                            "otherwise.")
-    low_cpu_memory: bool | None = _f(None, "Model", "CPU (glibc): return freed memory to the "
-                                     "OS at once, so the peak RSS is the estimate; 1.4-1.6x "
-                                     "slower. Default: only when glibc's default allocator "
-                                     "could outgrow the available RAM.")
-    gpu_memory: str | None = _f(None, "Model", "Plan for a GPU of this size, e.g. 16GB (a "
-                                "Colab T4): the memory estimate says whether the run fits it. "
-                                "Default: the device qorpo runs on.")
-    attn_implementation: str | None = _f(None, "Model", "Attention kernel (sdpa, eager, "
-                                         "flex_attention, flash_attention_2). Empty: qorpo's "
-                                         "choice, a kernel that skips the blocks the shared/"
-                                         "packed mask rules out: per-pair SDPA calls on the "
-                                         "CPU, FlexAttention on CUDA (compiled and checked at "
-                                         "start-up; sdpa if it cannot train on that GPU). "
-                                         "flex_attention: CUDA only.")
+    gradient_checkpointing: bool = option(True, "Model", "Non-reentrant gradient checkpointing.")
+    trust_remote_code: bool = option(False, "Model", "Run model/tokenizer code from the hub repo.")
+    allow_pickle: bool = option(False, "Model", "Allow .bin (pickle) weights; safetensors only "
+                                "otherwise.")
+    low_cpu_memory: bool | None = option(None, "Model", "CPU (glibc): return freed memory to the "
+                                         "OS at once, so the peak RSS is the estimate; 1.4-1.6x "
+                                         "slower. Default: only when glibc's default allocator "
+                                         "could outgrow the available RAM.")
+    gpu_memory: str | None = option(None, "Model", "Plan for a GPU of this size, e.g. 16GB (a "
+                                    "Colab T4): the memory estimate says whether the run fits it. "
+                                    "Default: the device qorpo runs on.")
+    attn_implementation: str | None = option(None, "Model", "Attention kernel (sdpa, eager, "
+                                             "flex_attention, flash_attention_2). Empty: qorpo's "
+                                             "choice, a kernel that skips the blocks the shared/"
+                                             "packed mask rules out: per-pair SDPA calls on the "
+                                             "CPU, FlexAttention on CUDA (compiled and checked at "
+                                             "start-up; sdpa if it cannot train on that GPU). "
+                                             "flex_attention: CUDA only.")
     # --- LoRA ------------------------------------------------------------------------------
-    lora_r: int = _f(16, "LoRA", "LoRA rank.")
-    lora_alpha: float = _f(32.0, "LoRA", "LoRA alpha (scale = alpha / r, or / sqrt(r) with "
-                           "rslora).")
-    lora_dropout: float = _f(0.05, "LoRA", "Dropout on the LoRA input.")
-    lora_targets: list[str] = _f(["all-linear"], "LoRA", "Modules to adapt: 'all-linear' (every "
-                                 "linear layer but the output head) or module names, comma "
-                                 "separated.")
-    use_rslora: bool = _f(False, "LoRA", "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    lora_r: int = option(16, "LoRA", "LoRA rank.")
+    lora_alpha: float = option(32.0, "LoRA", "LoRA alpha (scale = alpha / r, or / sqrt(r) with "
+                               "rslora).")
+    lora_dropout: float = option(0.05, "LoRA", "Dropout on the LoRA input.")
+    lora_targets: list[str] = option(["all-linear"], "LoRA",
+                                     "Modules to adapt: 'all-linear' (every "
+                                     "linear layer but the output head) or module names, comma "
+                                     "separated.")
+    use_rslora: bool = option(False, "LoRA", "Rank-stabilised LoRA scaling alpha / sqrt(r).")
     # --- Data ------------------------------------------------------------------------------
-    data: str | None = _f(None, "Data", "Hub dataset name or local .json/.jsonl/.parquet/.csv "
-                          "file. Empty: the bundled demo preference set.")
-    split: str = _f("train", "Data", "Training split of a hub dataset.")
-    subset: str | None = _f(None, "Data", "Hub dataset config/subset name.")
-    eval_data: str | None = _f(None, "Data", "Separate eval file or hub dataset (else "
-                               "--eval-split or --eval-fraction).")
-    eval_split: str | None = _f(None, "Data", "Eval split of the hub dataset, e.g. test_prefs.")
-    eval_fraction: float = _f(0.0, "Data", "Hold out this fraction of the training rows for "
-                              "eval when no eval data/split is given.")
-    columns: dict[str, str] = _f({}, "Data", "Column mapping for other formats, e.g. "
-                                 "prompt=question,chosen=good,rejected=bad (also system=).")
-    max_samples: int | None = _f(None, "Data", "Use at most this many training rows.")
-    max_length: int = _f(1024, "Data", "Max tokens of prompt + response.")
-    max_prompt_length: int | None = _f(None, "Data", "Max prompt tokens; longer prompts keep "
-                                       "their end (the last turns). Default: half of "
-                                       "--max-length.")
-    min_response_tokens: int = _f(8, "Data", "Rows leaving fewer response tokens than this "
-                                  "are dropped (and counted).")
-    chat_template: str | None = _f(None, "Data", "Jinja chat template (file path or string); "
-                                   "default: the tokenizer's own, else qorpo's ChatML default.")
+    data: str | None = option(None, "Data", "Hub dataset name or local .json/.jsonl/.parquet/.csv "
+                              "file. Empty: the bundled demo preference set.")
+    split: str = option("train", "Data", "Training split of a hub dataset.")
+    subset: str | None = option(None, "Data", "Hub dataset config/subset name.")
+    eval_data: str | None = option(None, "Data", "Separate eval file or hub dataset (else "
+                                   "--eval-split or --eval-fraction).")
+    eval_split: str | None = option(None, "Data", "Eval split of the hub dataset, e.g. test_prefs.")
+    eval_fraction: float = option(0.0, "Data", "Hold out this fraction of the training rows for "
+                                  "eval when no eval data/split is given.")
+    columns: dict[str, str] = option({}, "Data", "Column mapping for other formats, e.g. "
+                                     "prompt=question,chosen=good,rejected=bad (also system=).")
+    max_samples: int | None = option(None, "Data", "Use at most this many training rows.")
+    max_length: int = option(1024, "Data", "Max tokens of prompt + response.")
+    max_prompt_length: int | None = option(None, "Data", "Max prompt tokens; longer prompts keep "
+                                           "their end (the last turns). Default: half of "
+                                           "--max-length.")
+    min_response_tokens: int = option(8, "Data", "Rows leaving fewer response tokens than this "
+                                      "are dropped (and counted).")
+    chat_template: str | None = option(None, "Data", "Jinja chat template (file path or string); "
+                                       "default: the tokenizer's own, else qorpo's ChatML default.")
     # --- Training --------------------------------------------------------------------------
-    beta: float = _f(0.1, "Training", "Weight of the odds-ratio term (the paper's lambda).")
-    sft_on_prompt: bool = _f(False, "Training", "Also score the chosen prompt tokens in the "
-                             "SFT term (TRL / official ORPO behaviour).")
-    prefix_sharing: bool = _f(True, "Training", "One sequence per pair, prompt|chosen|rejected: "
-                              "the prompt is computed once (exact; off, or where a model cannot "
-                              "take it: two padded rows per pair).")
-    packing: bool = _f(True, "Training", "Several pairs per row without padding (applies with "
-                       "--prefix-sharing; exact).")
-    chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "Training", "Scored tokens per chunk in the "
-                         "vocab projection (memory vs speed; see scripts/bench_loss.py).")
-    learning_rate: float = _f(5e-5, "Training", "Peak learning rate.")
-    lr_scheduler: str = _f("linear", "Training", "transformers scheduler name.")
-    warmup_ratio: float = _f(0.1, "Training", "Fraction of steps for linear warm-up.")
-    epochs: float = _f(1.0, "Training", "Training epochs (ignored if --max-steps > 0).")
-    max_steps: int = _f(-1, "Training", "Optimizer steps; -1: from epochs.")
-    batch_size: int = _f(2, "Training", "Preference pairs per device per micro-batch.")
-    grad_accum: int = _f(4, "Training", "Micro-batches per optimizer step.")
-    optim: str = _f("auto", "Training", "auto: paged 8-bit AdamW on CUDA, AdamW on CPU; or any "
-                    "transformers optimizer name.")
-    weight_decay: float = _f(0.0, "Training", "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Training", "Gradient clipping norm.")
-    group_by_length: bool = _f(True, "Training", "Batch pairs of similar length (less padding).")
-    seed: int = _f(42, "Training", "Random seed (data order, LoRA init, dropout).")
-    eval_steps: int | None = _f(None, "Training", "Evaluate every N steps (default: only "
-                                "before and after training).")
+    beta: float = option(0.1, "Training", "Weight of the odds-ratio term (the paper's lambda).")
+    sft_on_prompt: bool = option(False, "Training", "Also score the chosen prompt tokens in the "
+                                 "SFT term (TRL / official ORPO behaviour).")
+    prefix_sharing: bool = option(True, "Training",
+                                  "One sequence per pair, prompt|chosen|rejected: the prompt "
+                                  "is computed once (exact; off, or where a model cannot take "
+                                  "it: two padded rows per pair).")
+    packing: bool = option(True, "Training", "Several pairs per row without padding (applies with "
+                           "--prefix-sharing; exact).")
+    chunk_size: int = option(DEFAULT_CHUNK_SIZE, "Training", "Scored tokens per chunk in the "
+                             "vocab projection (memory vs speed; see scripts/bench_loss.py).")
+    learning_rate: float = option(5e-5, "Training", "Peak learning rate.")
+    lr_scheduler: str = option("linear", "Training", "transformers scheduler name.")
+    warmup_ratio: float = option(0.1, "Training", "Fraction of steps for linear warm-up.")
+    epochs: float = option(1.0, "Training", "Training epochs (ignored if --max-steps > 0).")
+    max_steps: int = option(-1, "Training", "Optimizer steps; -1: from epochs.")
+    batch_size: int = option(2, "Training", "Preference pairs per device per micro-batch.")
+    grad_accum: int = option(4, "Training", "Micro-batches per optimizer step.")
+    optim: str = option("auto", "Training", "auto: paged 8-bit AdamW on CUDA, AdamW on CPU; or any "
+                        "transformers optimizer name.")
+    weight_decay: float = option(0.0, "Training", "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Training", "Gradient clipping norm.")
+    group_by_length: bool = option(True, "Training",
+                                   "Batch pairs of similar length (less padding).")
+    seed: int = option(42, "Training", "Random seed (data order, LoRA init, dropout).")
+    eval_steps: int | None = option(None, "Training", "Evaluate every N steps (default: only "
+                                    "before and after training).")
     # --- Output ----------------------------------------------------------------------------
-    output_dir: str = _f("outputs/qorpo", "Output", "Where the adapter, tokenizer, config, "
-                         "metrics and checkpoints go.")
-    logging_steps: int = _f(10, "Output", "Log metrics every N steps.")
-    save_steps: int = _f(200, "Output", "Checkpoint every N steps.")
-    save_total_limit: int | None = _f(2, "Output", "Keep at most this many checkpoints.")
-    report_to: list[str] = _f(["none"], "Output", "none, tensorboard, wandb (comma separated).")
-    resume: str | None = _f(None, "Output", "Resume: 'latest' (the newest complete "
-                            "checkpoint in --output-dir) or a checkpoint folder.")
-    overwrite: bool = _f(False, "Output", "Replace a previous run in --output-dir: the files it "
-                         "wrote are removed first, anything else there stays. Without it, a "
-                         "folder holding a run is refused. Never saved in qorpo_config.yaml.")
+    output_dir: str = option("outputs/qorpo", "Output", "Where the adapter, tokenizer, config, "
+                             "metrics and checkpoints go.")
+    logging_steps: int = option(10, "Output", "Log metrics every N steps.")
+    save_steps: int = option(200, "Output", "Checkpoint every N steps.")
+    save_total_limit: int | None = option(2, "Output", "Keep at most this many checkpoints.")
+    report_to: list[str] = option(["none"], "Output", "none, tensorboard, wandb (comma separated).")
+    resume: str | None = option(None, "Output", "Resume: 'latest' (the newest complete "
+                                "checkpoint in --output-dir) or a checkpoint folder.")
+    overwrite: bool = option(False, "Output",
+                             "Replace a previous run in --output-dir: the files it "
+                             "wrote are removed first, anything else there stays. Without it, a "
+                             "folder holding a run is refused. Never saved in qorpo_config.yaml.")
 
     # -------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -177,27 +174,6 @@ class TrainConfig:
         Path(path).write_text(self.yaml_text())
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from plain values (YAML or CLI). Strings are parsed to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        problems: list[str] = []
-        kwargs: dict[str, Any] = {}
-        for key, raw in values.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                close = [n for n in fields if n.startswith(name[:4])]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                problems.append(f"{source}: unknown key {key!r}{hint}")
-                continue
-            try:
-                kwargs[name] = coerce(fields[name].type, raw)
-            except (TypeError, ValueError) as exc:
-                problems.append(f"{source}: {key}: {exc}")
-        if problems:
-            raise ConfigError(problems)
-        return cls(**kwargs).validate()
-
-    @classmethod
     def load(cls, yaml_path: str | Path | None = None,
              overrides: dict[str, Any] | None = None) -> TrainConfig:
         """YAML file (optional), then overrides (CLI flags) on top; validated once."""
@@ -218,79 +194,6 @@ class TrainConfig:
         return cls.from_dict(values, source=str(yaml_path) if yaml_path else "options")
 
 
-def _resolve(tp: Any) -> Any:
-    if isinstance(tp, str):
-        hints = typing.get_type_hints(TrainConfig)
-        for f in dataclasses.fields(TrainConfig):
-            if f.type == tp:
-                return hints[f.name]
-        raise TypeError(f"cannot resolve type {tp}")
-    return tp
-
-
-def coerce(tp: Any, raw: Any) -> Any:
-    """Turn a YAML value or a CLI string into the field type `tp`."""
-    tp = _resolve(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
-            return None
-        return coerce(args[0], raw)
-    if origin is list:
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, (list, tuple)):
-            raise TypeError(f"expected a list or comma-separated string, got {raw!r}")
-        return [str(i).strip() for i in items if str(i).strip()]
-    if origin is dict:
-        if isinstance(raw, str):
-            pairs = [p for p in raw.split(",") if p.strip()]
-            if any("=" not in p for p in pairs):
-                raise ValueError(f"expected key=value pairs separated by commas, got {raw!r}")
-            raw = dict(p.split("=", 1) for p in pairs)
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected a mapping, got {raw!r}")
-        return {str(k).strip(): str(v).strip() for k, v in raw.items()}
-    if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {raw!r}")
-    if tp is int:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError(f"expected an integer, got {raw!r}")
-        return int(raw)
-    if tp is float:
-        if isinstance(raw, bool):
-            raise ValueError(f"expected a number, got {raw!r}")
-        return float(raw)
-    if tp is str:
-        if not isinstance(raw, (str, int, float)):
-            raise TypeError(f"expected a string, got {raw!r}")
-        return str(raw)
-    raise TypeError(f"unsupported field type {tp}")
-
-
 def field_table() -> list[dict[str, str]]:
-    """Rows (name, group, type, default, help) for docs and `--help`."""
-    hints = typing.get_type_hints(TrainConfig)
-    rows = []
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        plain = typing.get_origin(hint) is None and isinstance(hint, type)
-        tp = hint.__name__ if plain else str(hint).replace("typing.", "")
-        choices = f.metadata.get("choices")
-        rows.append({
-            "name": f.name,
-            "flag": "--" + f.name.replace("_", "-"),
-            "group": f.metadata["group"],
-            "type": " | ".join(choices) if choices else tp,
-            "default": repr(getattr(defaults, f.name)),
-            "help": f.metadata["help"],
-        })
-    return rows
+    """Rows (name, group, type, default, help) of TrainConfig for docs and `--help`."""
+    return options_table(TrainConfig)

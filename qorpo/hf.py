@@ -25,6 +25,12 @@ def short_dtype_name(config_name: Any) -> str | None:
     return next((short for short, name in CONFIG_NAMES.items() if name == plain), None)
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config: a multimodal config's text part (Gemma 3, Llava), else the
+    config itself. The one place qorpo asks transformers for it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """No tqdm bars (they garble rich output; qorpo shows its own status) and no library
