@@ -18,8 +18,9 @@ from qorpo.demo import DEMO_PROMPTS
 from qorpo.errors import ConfigError
 from qorpo.fitting import build_trainer, run_trainer
 from qorpo.memory.plan import peak_measured
+from qorpo.memory.training import context_notes, train_estimate
 from qorpo.progress import estimate_table, start_table, summary_table
-from qorpo.sysmem import allocator, pin_malloc_thresholds
+from qorpo.sysmem import pin_malloc_thresholds, runtime_resident
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
 # Applied only to options the user left at their defaults.
@@ -124,6 +125,7 @@ class Setup(NamedTuple):
     steps: int
     memory: Any  # qorpo.memory.plan.RunEstimate
     demo: bool  # the offline demo: generations before and after are shown
+    runtime: Any  # qorpo.sysmem.Resident before the model loaded (CPU), or None
 
 
 def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
@@ -139,9 +141,11 @@ def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
         data = prepare_data(cfg, tokenizer, console=console)
     steps = planned_steps(cfg, len(data.train), procs.num_processes)
     console.print(start_table(cfg, device, dtype, data, steps, procs.num_processes))
-    for note in check_context(cfg, data):
+    for note in context_notes(cfg, data):
         console.print(f"[yellow]note:[/] {note}")
-    memory = memory_estimate(cfg, data, device.type)
+    # the CPU estimate's runtime term: this process, measured before the model loads
+    runtime = runtime_resident(cfg.quant) if device.type == "cpu" else None
+    memory = train_estimate(cfg, data, device.type, runtime=runtime)
     if dry_run or (memory.fits is False):
         console.print(estimate_table(memory))
     elif memory.low_cpu_memory and cfg.low_cpu_memory is None:
@@ -152,7 +156,8 @@ def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
         console.print(f"[yellow]note:[/] {note}")
     if plan.resume_from is not None:
         console.print(f"Resuming from {plan.resume_from}")
-    return Setup(cfg, plan, fp, device, procs, dtype, tokenizer, data, steps, memory, demo)
+    return Setup(cfg, plan, fp, device, procs, dtype, tokenizer, data, steps, memory, demo,
+                 runtime)
 
 
 class Built(NamedTuple):
@@ -178,8 +183,8 @@ def build(ready: Setup, console: Console) -> Built:
     layout, fell_back = choose_layout(model, cfg, device, console)
     memory = ready.memory
     if fell_back:  # the summary compares the measured peak with what really runs
-        memory = memory_estimate(dataclasses.replace(cfg, low_cpu_memory=memory.low_cpu_memory),
-                                 data, device.type, runs_as=(layout, None))
+        memory = train_estimate(dataclasses.replace(cfg, low_cpu_memory=memory.low_cpu_memory),
+                                data, device.type, runs_as=(layout, None), runtime=ready.runtime)
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, ready.tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
@@ -195,8 +200,8 @@ def build(ready: Setup, console: Console) -> Built:
 def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
                   console: Console) -> tuple[str, bool]:
     """The layout and attention kernel this model really runs: (layout, fell_back)."""
+    from qorpo.attention.choice import FLEX, agree, choose, planned
     from qorpo.forward import supports_layout
-    from qorpo.kernels import FLEX, agree, choose, planned
 
     layout = cfg.layout
     if layout == "padded":
@@ -206,7 +211,8 @@ def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
         console.print(f"[yellow]note:[/] prefix sharing off for this model — "
                       f"{support.reason}; using the padded layout")
         return "padded", True
-    # a kernel that skips the masked blocks (qorpo.kernels); the parity check compares it too
+    # a kernel that skips the masked blocks (qorpo.attention.choice); the parity check
+    # compares it too
     kernel = planned(device.type, layout, cfg.attn_implementation)
     with (console.status("Compiling FlexAttention's kernels and checking them…")
           if kernel == FLEX else contextlib.nullcontext()):
@@ -280,49 +286,6 @@ def base_model_identity(model: Any, cfg: TrainConfig) -> dict[str, Any]:
             "architectures": list(getattr(config, "architectures", None) or [])}
 
 
-def check_context(cfg: TrainConfig, data: Any) -> list[str]:
-    """Pairs longer than the model's context (max_position_embeddings) are refused: positions
-    past it are untrained, or out of range. A --max-length above it that no pair reaches only
-    gets a note (positions are pair-relative in every layout, so a pair is what must fit)."""
-    from qorpo.memory.plan import model_shape, pair_lengths
-
-    context = model_shape(cfg.model, cfg.revision, cfg.trust_remote_code).context
-    if context is None or cfg.max_length <= context:
-        return []
-    pairs = [*pair_lengths(data.train), *(pair_lengths(data.eval) if data.eval else [])]
-    longest = max((p + max(c, r) for p, c, r in pairs), default=0)
-    if longest > context:
-        raise ConfigError([f"max_length: pairs of up to {longest:,} tokens are longer than "
-                           f"{cfg.model}'s context of {context:,} (max_position_embeddings); "
-                           f"use --max-length {context} or less"])
-    return [f"--max-length {cfg.max_length:,} is above the model's context of {context:,}; "
-            f"no pair here is longer than {longest:,} tokens, so none goes past it"]
-
-
-def memory_estimate(cfg: TrainConfig, data: Any, device: str,
-                    runs_as: tuple[str, str | None] | None = None) -> Any:
-    """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
-    real token lengths, the layout; on a `--gpu-memory` card if given, else on this device.
-    `runs_as`: the (layout, kernel) the loaded model really runs, where it fell back from the
-    planned ones (qorpo.kernels.planned)."""
-    from qorpo.kernels import planned
-    from qorpo.memory.plan import detect_capacity, gpu_capacity, model_shape, pair_lengths, plan
-
-    if cfg.gpu_memory is not None:
-        device, capacity = "cuda", gpu_capacity(cfg.gpu_memory)
-    else:
-        capacity = detect_capacity(device)
-    layout, kernel = runs_as or (cfg.layout, planned(device, cfg.layout, cfg.attn_implementation))
-    return plan(model_shape(cfg.model, cfg.revision, cfg.trust_remote_code),
-                pair_lengths(data.train), device=device, batch_size=cfg.batch_size,
-                layout=layout, max_length=cfg.max_length,
-                max_prompt_length=cfg.resolved_max_prompt_length, lora_r=cfg.lora_r,
-                chunk_size=cfg.chunk_size, checkpointing=cfg.gradient_checkpointing,
-                low_cpu_memory=cfg.low_cpu_memory, sft_on_prompt=cfg.sft_on_prompt,
-                lora_dropout=cfg.lora_dropout > 0, capacity=capacity,
-                kernel=kernel, allocator=allocator())
-
-
 def eval_before(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """The eval metrics logged at step 0 (eval_on_start), before any update."""
     first = next((r for r in log_history if "eval_loss" in r and r.get("step") == 0), {})
@@ -390,9 +353,9 @@ def planned_steps(cfg: TrainConfig, pairs: int, processes: int = 1) -> int:
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, adapter: bool) -> str:
     """Greedy reply to one user turn with the adapter on or off (before/after, one model)."""
+    from qorpo.attention.choice import for_generation
     from qorpo.forward import mixed_precision
     from qorpo.hf import greedy_reply
-    from qorpo.kernels import for_generation
 
     # mixed_precision: outside the Trainer a 16-bit QLoRA model needs autocast (fp32 norms)
     with contextlib.nullcontext() if adapter else model.disable_adapter(), \

@@ -32,6 +32,12 @@ ACTIONS = frozenset({"resume", "overwrite"})
 DEFAULT_CHUNK_SIZE = 256
 
 
+def default_max_prompt_length(max_length: int) -> int:
+    """The prompt budget when --max-prompt-length is not given: half of --max-length (at least
+    one token). The one statement of that rule (TrainConfig, the estimate and its knobs)."""
+    return max(1, max_length // 2)
+
+
 @dataclass
 class TrainConfig(Options):
     # --- Model -----------------------------------------------------------------------------
@@ -154,7 +160,7 @@ class TrainConfig(Options):
         """--max-prompt-length, or half of --max-length when not given."""
         if self.max_prompt_length is not None:
             return self.max_prompt_length
-        return max(1, self.max_length // 2)
+        return default_max_prompt_length(self.max_length)
 
     # -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -75,17 +75,11 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
 
 
 def attention_cost(model: torch.nn.Module) -> float:
-    """Attention's cost per (query, key) relative to a token's linear layers, ~1 / (6 H)
-    (qorpo.data.collate.choose_capacity: how long packed rows may grow)."""
-    from qorpo.kernels import skips_masked_blocks
+    """qorpo.attention.cost.attention_cost of this (peft-wrapped) model."""
+    from qorpo.attention.cost import attention_cost as cost_of
     from qorpo.model import unwrap
 
-    cfg = unwrap(model).config
-    if skips_masked_blocks(getattr(cfg, "_attn_implementation", None)):
-        return 0.0  # pairs sharing a row never pay for each other
-    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg,
-                     "hidden_size", 576)
-    return 1 / (6 * int(hidden))
+    return cost_of(unwrap(model).config)
 
 
 def run_trainer(trainer: Any, plan: runs.RunPlan, console: Console) -> Any:

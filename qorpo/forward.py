@@ -1,43 +1,25 @@
-"""How a laid-out batch goes through the model: which attention mask the model's attention
-implementation takes, the final hidden states, whether a model can take the shared/packed
-layouts at all, and the start-up parity check.
-
-transformers (5.x) passes a 4-D mask through untouched to the attention function
-(masking_utils._preprocess_mask_arguments): `sdpa` takes it as a boolean "may attend" mask,
-`eager` ADDS it to the scores (a boolean mask there would be silently wrong: it gets
-`additive_mask`), FlexAttention wants a BlockMask, and flash attention's varlen kernels can only
-express block-diagonal masks — not "rejected sees the prompt but not the chosen tokens". It
-detects packed sequences from position_ids only when attention_mask is None, so the 4-D mask
-is always passed (a BlockMask for flex_attention).
-"""
+"""How a laid-out batch goes through the model: its final hidden states (with the mask and
+kernel arguments qorpo.attention gives it), whether a model can take the shared/packed layouts
+at all, and the start-up parity check."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from qorpo.attention import NAME as PAIR_ATTENTION
-from qorpo.attention import pair_spans
-from qorpo.data.collate import CHOSEN, LAYOUTS, PAD, REJECTED, Batch, Layout, Pair, build_batch
+from qorpo.attention import FLEX, PAIR_ATTENTION
+from qorpo.attention.masks import attn_implementation, model_attention_mask
+from qorpo.attention.pairs import pair_spans
+from qorpo.data.collate import LAYOUTS, Batch, Layout, Pair, build_batch
 from qorpo.errors import ModelError
+from qorpo.hf import text_config
 from qorpo.loss import chunked_token_logps
 from qorpo.model import final_hidden_states, output_head, supports_logits_to_keep, unwrap
 from qorpo.quant import keep_4bit_differentiable
-
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Boolean may-attend mask → additive float mask (0 where allowed, dtype min elsewhere), the
-    form eager attention adds to its scores. finfo.min, not −inf: rows are never fully masked,
-    and −inf − −inf would be NaN in reductions anyway."""
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, torch.finfo(dtype).min)
 
 
 @contextlib.contextmanager
@@ -76,140 +58,14 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
-def _text_config(model: nn.Module) -> Any:
-    cfg = unwrap(model).config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def attn_implementation(model: nn.Module) -> str:
-    return str(getattr(_text_config(model), "_attn_implementation", None) or "eager")
-
-
-def model_attention_mask(model: nn.Module, batch: Batch) -> torch.Tensor | BlockMask:
-    """The `attention_mask` to pass for this model's attention implementation: padded → 2-D
-    (the model builds its own); sdpa → (R, 1, L, L) bool; eager → additive, in the dtype of
-    the model's embeddings (the scores' dtype); flex_attention → a BlockMask (O(tokens), and
-    its kernels skip the blocks it masks out: the GPU's counterpart of qorpo.attention)."""
-    if batch.layout == "padded":
-        return batch.attention_mask()
-    impl = attn_implementation(model)
-    if impl in ("sdpa", PAIR_ATTENTION):
-        return batch.dense_mask()
-    if impl == "flex_attention":
-        return flex_block_mask(batch)
-    if impl == "eager":
-        emb = unwrap(model).get_input_embeddings()
-        weight = getattr(emb, "weight", None)
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
-        return additive_mask(batch.dense_mask(), dtype or torch.float32)
-    raise ValueError(f"the {batch.layout} layout needs sdpa, eager or flex_attention, the "
-                     f"model uses {impl}; see supports_layout")
-
-
 def hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     """(R, L, H) final (post-norm) hidden states of a laid-out batch (on the model's device),
     through every wrapper's own forward (qorpo.model.final_hidden_states)."""
     extra = {}
     if batch.layout != "padded" and attn_implementation(model) == PAIR_ATTENTION:
-        extra["qorpo_spans"] = pair_spans(batch)  # see qorpo.attention
+        extra["qorpo_spans"] = pair_spans(batch)  # see qorpo.attention.pairs
     return final_hidden_states(model, batch.input_ids, model_attention_mask(model, batch),
                                batch.position_ids, **extra)
-
-
-FLEX_BLOCK = 128  # FlexAttention's default sparse block (query and key/value tiles)
-
-
-def flex_block_mask(batch: Batch) -> BlockMask:
-    """A FlexAttention BlockMask for a shared/packed batch, on the batch's device.
-
-    Built from the (R, L) `segment_ids`/`part` only, in O(R · (L/128)²) memory: torch's
-    create_block_mask (uncompiled) would evaluate the mask_mod on the dense (R, L, L) grid,
-    with int64 intermediates — 8 bytes per (query, key), more than the dense bool mask this
-    replaces. `flex_blocks` classifies the 128 × 128 tiles instead (tests/test_flex.py checks
-    it against create_block_mask). transformers' flex_attention_forward takes a BlockMask passed
-    as `attention_mask` directly (a tensor there is ADDED to the scores as a float score_mod).
-    One per micro-batch: every layer, and the recomputation under gradient checkpointing, get
-    the same object.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    seg, part = batch.segment_ids, batch.part.long()
-    length = seg.shape[1]
-    partial, full = flex_blocks(seg, part, FLEX_BLOCK)  # (R, nQ, nK) each
-
-    def as_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # per query tile: how many key tiles, and their indices first (the rest is unused)
-        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
-        return blocks.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
-
-    kv_num, kv_idx = as_indices(partial)  # (R, 1, nQ), (R, 1, nQ, nK)
-    full_num, full_idx = as_indices(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=flex_mask_mod(seg, part),
-                                    seq_lengths=(length, length))
-
-
-def flex_blocks(segment_ids: torch.Tensor, part: torch.Tensor,
-                block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full): (R, nQ, nK) bool tiles of the may-attend rule of `Batch.dense_mask`.
-    A tile is empty when no query in it may see a key in it, full when every one may, partial
-    otherwise (the kernel evaluates the mask_mod there and skips empty tiles).
-
-    Exact, from per-tile ranges of run numbers: segments are contiguous runs of a row (tail
-    padding its own segment), numbered here in row order, and each has at least one prompt,
-    chosen and rejected token, so the runs of one part that a tile holds are a contiguous range
-    too. Below the diagonal
-    every key precedes every query: a tile pair is non-empty when non-rejected queries share a
-    segment with any key, or rejected queries with a non-chosen key. A diagonal tile always is
-    (each token sees itself)."""
-    rows, length = segment_ids.shape
-    n = -(-length // block)
-    extra = n * block - length  # the last tile's missing positions repeat the last column
-    # number the runs of each row in order (segment ids are pair numbers, in any order)
-    runs = torch.cat([torch.zeros_like(segment_ids[:, :1]),
-                      (segment_ids[:, 1:] != segment_ids[:, :-1]).long()], 1).cumsum(1)
-    seg = torch.cat([runs, runs[:, -1:].expand(rows, extra)], 1).view(rows, n, block)
-    prt = torch.cat([part, part[:, -1:].expand(rows, extra)], 1).view(rows, n, block)
-    pad, rej, cho = prt == PAD, prt == REJECTED, prt == CHOSEN
-    big = torch.iinfo(seg.dtype).max
-
-    def span(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (R, n) each; lo > hi
-        return (seg.masked_fill(~where, big).amin(-1),  # when the tile has no such token
-                seg.masked_fill(~where, -big).amax(-1))
-
-    def overlap(q: tuple[torch.Tensor, torch.Tensor],
-                k: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # (R, nQ, nK)
-        return (q[0][:, :, None].maximum(k[0][:, None, :])
-                <= q[1][:, :, None].minimum(k[1][:, None, :]))
-
-    real = ~pad
-    has_pad = pad.any(-1)
-    below = overlap(span(real & ~rej), span(real)) | overlap(span(rej), span(real & ~cho))
-    below |= has_pad[:, :, None] & has_pad[:, None, :]  # padding sees padding
-    idx = torch.arange(n, device=seg.device)
-    lower = idx[:, None] > idx[None, :]  # (nQ, nK): every key before every query
-    nonempty = (below & lower) | torch.eye(n, dtype=torch.bool, device=seg.device)
-    # full: one segment in both tiles (the same one), no rejected query and chosen key, below
-    # the diagonal, and no position past the end
-    first = seg[..., 0]  # (R, n)
-    single = (seg == first[..., None]).all(-1)
-    whole = torch.ones(n, dtype=torch.bool, device=seg.device)
-    whole[-1] = extra == 0
-    full = (lower & whole[:, None] & whole[None, :]
-            & single[:, :, None] & single[:, None, :] & (first[:, :, None] == first[:, None, :])
-            & ~(rej.any(-1)[:, :, None] & cho.any(-1)[:, None, :]))
-    return nonempty & ~full, full
-
-
-def flex_mask_mod(segment_ids: torch.Tensor, part: torch.Tensor) -> Any:
-    """The may-attend rule of `Batch.dense_mask` as a FlexAttention mask_mod(b, h, q, kv)."""
-
-    def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        same = segment_ids[b, q] == segment_ids[b, kv]
-        blind = (part[b, q] == REJECTED) & (part[b, kv] == CHOSEN)
-        return same & (kv <= q) & ~blind
-
-    return mask_mod
 
 
 class LayoutSupport(NamedTuple):
@@ -223,21 +79,18 @@ class LayoutSupport(NamedTuple):
 KNOWN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"})
 
 
-def _sliding_window(cfg: Any) -> tuple[int | None, str | None]:
-    """(window of the model's sliding-window layers or None, a reason it cannot be handled)."""
-    kinds = set(getattr(cfg, "layer_types", None) or [])
-    other = kinds - {"full_attention", "sliding_attention"}
+def _layer_problem(cfg: Any) -> str | None:
+    """Why the model's layers cannot take qorpo's masks, or None. Full and sliding-window layers
+    can (qorpo.attention.masks puts each layer's window in its mask); chunked, linear and
+    recurrent ones build their own structure, which a custom mask cannot express."""
+    other = set(getattr(cfg, "layer_types", None) or []) - {"full_attention",
+                                                            "sliding_attention"}
     if other:
-        return None, (f"layer types {sorted(other)} (chunked/linear/recurrent attention) do not "
-                      "take a custom mask")
+        return (f"layer types {sorted(other)} (chunked/linear/recurrent attention) do not take "
+                "a custom mask")
     if getattr(cfg, "attention_chunk_size", None):
-        return None, "chunked attention (attention_chunk_size) does not take a custom mask"
-    window = getattr(cfg, "sliding_window", None)
-    if kinds and "sliding_attention" not in kinds:
-        return None, None  # e.g. Qwen2/3 with use_sliding_window=False: every layer is full
-    if getattr(cfg, "use_sliding_window", True) is False:
-        return None, None
-    return (int(window) if window else None), None
+        return "chunked attention (attention_chunk_size) does not take a custom mask"
+    return None
 
 
 def supports_layout(
@@ -250,37 +103,32 @@ def supports_layout(
     """Whether `layout` gives this model the same hidden states as the padded layout.
 
     Static checks: attention implementation (sdpa/eager take a custom 4-D mask, flex_attention
-    a BlockMask; flash
-    attention's varlen kernels only do block-diagonal masks, so they cannot let rejected tokens
-    see the prompt but not the chosen tokens), sliding-window/chunked/linear layers (a 4-D mask
-    replaces the model's own sliding-window mask, which is only harmless when no sequence is
-    longer than the window: pass `max_seq_len`, i.e. max_length). Then, with `probe`, one tiny
-    no-grad forward of 3 made-up pairs in both layouts must give the same hidden states at
-    every scored position: this catches models that ignore or rebuild custom masks, or ignore
-    position_ids. The probe runs in eval mode (restored after); on CPU bitsandbytes 4-bit
-    layers are first kept differentiable, as qorpo.model.keep_4bit_differentiable does.
+    a BlockMask; flash attention's varlen kernels only do block-diagonal masks, so they cannot
+    let rejected tokens see the prompt but not the chosen tokens), chunked/linear layers (they
+    build their own structure). Sliding-window layers are fine at any length: each layer's mask
+    carries its window (qorpo.attention.masks), so `max_seq_len` no longer matters (kept for
+    callers). Then, with `probe`, one tiny no-grad forward of 3 made-up pairs in both layouts
+    must give the same hidden states at every scored position: this catches models that ignore
+    or rebuild custom masks (or a dict of them per layer type), or ignore position_ids. The
+    probe runs in eval mode (restored after); on CPU bitsandbytes 4-bit layers are first kept
+    differentiable, as qorpo.model.keep_4bit_differentiable does.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "padded":
         return LayoutSupport(True, "padded: the model builds its own masks")
-    cfg = _text_config(model)
+    cfg = text_config(unwrap(model).config)
     model_type = getattr(cfg, "model_type", "?")
     impl = attn_implementation(model)
     if "flash" in impl:
         return LayoutSupport(False, f"{impl}: varlen kernels take only block-diagonal masks; a "
                              "shared prompt needs a custom mask (use sdpa)")
-    if impl not in ("sdpa", "eager", "flex_attention", PAIR_ATTENTION):
+    if impl not in ("sdpa", "eager", FLEX, PAIR_ATTENTION):
         return LayoutSupport(False, f"attention implementation {impl!r} is not known to take "
                              "a custom 4-D mask (use sdpa)")
-    window, why = _sliding_window(cfg)
+    why = _layer_problem(cfg)
     if why:
         return LayoutSupport(False, f"{model_type}: {why}")
-    if window is not None and (max_seq_len is None or max_seq_len > window):
-        size = "unknown" if max_seq_len is None else str(max_seq_len)
-        return LayoutSupport(False, f"{model_type}: sliding-window attention (window {window}) "
-                             f"and sequences of {size} tokens: a custom mask would turn it into "
-                             "full attention")
     if not probe:
         if model_type not in KNOWN_MODEL_TYPES:
             return LayoutSupport(False, f"{model_type}: not verified with custom masks; run "
@@ -308,7 +156,7 @@ PROBE_ROW_TOKENS = 9 + 5
 def probe_pairs(model: nn.Module,
                 shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES) -> list[Pair]:
     """Made-up (prompt, chosen, rejected) token ids of these shapes, in the model's vocab."""
-    vocab = int(getattr(_text_config(model), "vocab_size", 0) or 0)
+    vocab = int(getattr(text_config(unwrap(model).config), "vocab_size", 0) or 0)
     if vocab < 2:
         raise ValueError("no vocab_size in the model config")
     gen = torch.Generator().manual_seed(1234)

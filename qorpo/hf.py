@@ -5,11 +5,18 @@ as training encodes prompts."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+
+# bitsandbytes (>= 0.50, on CPUs with AVX512-BF16) tries at import to fetch a CPU 4-bit kernel
+# from the hub through `kernels` (a transformers dependency since 5.25); `kernels` refuses it
+# (unverified publisher) or it is offline, bitsandbytes falls back to its own kernel, and logs
+# "Failed to load … please pip install kernels" to every run's stderr. qorpo asks for no hub code.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Short names (CLI, configs, reports) -> torch dtypes and the names config.json uses.
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,

@@ -107,14 +107,16 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
 
 
 def attention_line(cfg: TrainConfig, device: str) -> str:
-    """The attention kernel this run plans (qorpo.kernels; the run may still fall back)."""
-    from qorpo.attention import NAME as PAIR_ATTENTION
-    from qorpo.kernels import FLEX, planned
+    """The attention kernel this run plans (qorpo.attention.choice; it may still fall back)."""
+    from qorpo.attention import FLEX, PAIR_ATTENTION
+    from qorpo.attention.choice import planned
+    from qorpo.attention.cost import MIN_ROW_LENGTH
     from qorpo.quant import fsdp_active
 
     kernel = planned(device, cfg.layout, cfg.attn_implementation)
     if kernel == PAIR_ATTENTION:
-        return "per-pair SDPA calls on rows of 256+ tokens: no masked block computed"
+        return (f"per-pair SDPA calls on rows of {MIN_ROW_LENGTH}+ tokens: no masked block "
+                "computed")
     if kernel == FLEX:
         checked = "unchecked under FSDP" if fsdp_active() else "compiled, checked at start-up"
         return f"FlexAttention block mask: masked blocks skipped ({checked})"

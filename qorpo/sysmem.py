@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -41,6 +41,41 @@ def pin_malloc_thresholds() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES) == 1
     return mallopt(M_TRIM_THRESHOLD, THRESHOLD_BYTES) == 1 and ok
+
+
+class Resident(NamedTuple):
+    """This process's resident memory now and its peak so far (bytes)."""
+
+    now: float
+    peak: float
+
+
+def resident() -> Resident | None:
+    """VmRSS and VmHWM from /proc/self/status; None where there is no /proc (not Linux)."""
+    values: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = float(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(values) < 2:
+        return None
+    return Resident(values["VmRSS"], values["VmHWM"])
+
+
+def runtime_resident(quant: str) -> Resident | None:
+    """What the process holds before the model loads, with the libraries training will import
+    already imported: the CPU estimate's runtime term, measured instead of assumed. The same
+    packages differ by release (a fresh install with transformers 5.25 pulls in `kernels` and
+    held ~60 MiB more after import than 5.24 did), so a constant cannot hold everywhere."""
+    import peft  # noqa: F401  (imported by training anyway; ~150 MiB with bitsandbytes)
+
+    if quant != "none":
+        import bitsandbytes  # noqa: F401
+    return resident()
 
 
 def allocator() -> str:

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from qorpo.attention.masks import model_attention_mask
 from qorpo.data.collate import build_batch
 from qorpo.errors import ConfigError
-from qorpo.forward import evaluating, hidden_states, model_attention_mask, supports_layout
+from qorpo.forward import evaluating, hidden_states, supports_layout
 from qorpo.model import check_attn_implementation
 from tests.test_layout import VOCAB, random_pairs
 
@@ -97,13 +98,13 @@ def _tiles(mask) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_block_mask_tiles_equal_torchs_without_a_dense_mask(monkeypatch):
-    """qorpo.forward.flex_block_mask classifies 128 x 128 tiles from segment ranges; torch's
+    """qorpo.attention.flex.flex_block_mask classifies 128 x 128 tiles from segment ranges; torch's
     create_block_mask evaluates the mask_mod on every (query, key). Same empty, partial and
     full tiles on random shared/packed batches (rows of 1-2.4k tokens, lengths that are not
     multiples of 128, pairs numbered out of order in packed rows), and no dense grid built."""
     import random
 
-    from qorpo.forward import flex_block_mask, flex_mask_mod
+    from qorpo.attention.flex import flex_block_mask, flex_mask_mod
 
     rng = random.Random(0)
     batches = []
@@ -132,7 +133,7 @@ def test_block_mask_tiles_equal_torchs_without_a_dense_mask(monkeypatch):
 def test_a_wrong_block_mask_is_caught(eager_flex, monkeypatch):
     """Guard on the test above: a BlockMask that lets rejected tokens see the chosen ones
     changes the rejected hidden states (so equality there is not vacuous)."""
-    import qorpo.forward as fw
+    import qorpo.attention.flex as fw
 
     model = _flex_model("llama")
     monkeypatch.setattr(fw, "flex_mask_mod", lambda seg, part: (

@@ -1,5 +1,5 @@
-"""qorpo.kernels: which attention kernel a shared/packed run uses, and the start-up check that
-decides between FlexAttention and sdpa on CUDA.
+"""qorpo.attention.choice: which attention kernel a shared/packed run uses, and the start-up
+check that decides between FlexAttention and sdpa on CUDA.
 
 The check runs one forward and backward through FlexAttention. torch has no FlexAttention
 backward on the CPU, so here that check fails for real — which is exactly the fallback a GPU
@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qorpo.attention import NAME as PAIR_ATTENTION
+from qorpo.attention import FLEX, PAIR_ATTENTION
+from qorpo.attention.choice import choose, flex_available, for_generation, planned, train_step_runs
+from qorpo.attention.masks import attn_implementation
 from qorpo.data.collate import build_batch
 from qorpo.errors import ModelError
-from qorpo.forward import attn_implementation, evaluating, hidden_states
-from qorpo.kernels import FLEX, choose, flex_available, for_generation, planned, train_step_runs
+from qorpo.forward import evaluating, hidden_states
 from tests.test_flex import eager_flex  # noqa: F401  (fixture)
 from tests.test_layout import lora_model, random_pairs
 
@@ -93,7 +94,7 @@ def test_flex_that_trains_is_chosen_and_generation_uses_sdpa(eager_flex, monkeyp
             hidden_states(model, build_batch(random_pairs(seed=5), "packed", pad_token_id=2))
         forward_only.append(True)
 
-    monkeypatch.setattr("qorpo.kernels.train_step_runs", forward_step)
+    monkeypatch.setattr("qorpo.attention.choice.train_step_runs", forward_step)
     model = lora_model("qwen2", "sdpa")
     before = eager_flex["block_mask"]
     choice = choose(model, "cuda", "packed", None)
@@ -173,8 +174,8 @@ def _agree_worker(rank: int, init: str, results: str, path: str) -> None:
 
     import torch.distributed as dist
 
+    from qorpo.attention.choice import KernelChoice, agree
     from qorpo.config import TrainConfig
-    from qorpo.kernels import KernelChoice, agree
     from qorpo.model import add_lora, load_base_model
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

@@ -1,6 +1,6 @@
-"""Sequence layouts (qorpo.data.collate, qorpo.forward): padded, shared-prompt and packed
-batches must give the same ℓw, ℓl, NLL, ORPO loss and LoRA gradients as a naive reference on
-separate unpadded rows."""
+"""Sequence layouts (qorpo.data.collate, qorpo.attention, qorpo.forward): padded, shared-prompt
+and packed batches must give the same ℓw, ℓl, NLL, ORPO loss and LoRA gradients as a naive
+reference on separate unpadded rows."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qorpo.attention import NAME as PAIRS
-from qorpo.attention import pair_attention, pair_spans, use_pair_attention
+from qorpo.attention import PAIR_ATTENTION as PAIRS
+from qorpo.attention.flex import flex_block_mask, flex_mask_mod
+from qorpo.attention.masks import additive_mask, model_attention_mask
+from qorpo.attention.pairs import pair_attention, pair_spans, use_pair_attention
 from qorpo.data.collate import (
     CHOSEN,
     PAD,
@@ -24,14 +26,7 @@ from qorpo.data.collate import (
     build_batch,
     pairs_from_features,
 )
-from qorpo.forward import (
-    additive_mask,
-    flex_block_mask,
-    flex_mask_mod,
-    hidden_states,
-    model_attention_mask,
-    supports_layout,
-)
+from qorpo.forward import hidden_states, supports_layout
 from qorpo.loss import orpo_loss, pair_logps, score_logps
 from qorpo.model import final_hidden_states, output_head
 from qorpo.quant import keep_4bit_differentiable
@@ -41,8 +36,8 @@ VOCAB = 320
 
 @pytest.fixture(autouse=True)
 def _pair_attention_on_short_rows(monkeypatch):
-    """The test pairs are short: let qorpo.attention's per-pair kernels take them anyway."""
-    monkeypatch.setattr("qorpo.attention.MIN_ROW_LENGTH", 0)
+    """The test pairs are short: let qorpo.attention.pairs' kernels take them anyway."""
+    monkeypatch.setattr("qorpo.attention.cost.MIN_ROW_LENGTH", 0)
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 LAYOUTS = ("padded", "shared", "packed")
 
@@ -395,22 +390,6 @@ def test_supported_architectures_pass_the_probe():
             got = supports_layout(model, layout, max_seq_len=64)
             assert got.ok, (cls.__name__, got.reason)
             assert "probe matches" in got.reason
-
-
-def test_sliding_window_is_reported():
-    from transformers import MistralConfig, Qwen2Config
-
-    qwen = _tiny(Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    got = supports_layout(qwen, "shared", max_seq_len=64)
-    assert not got.ok and "sliding-window" in got.reason and "window 8" in got.reason
-    assert not supports_layout(qwen, "packed").ok  # no max_seq_len: cannot prove it harmless
-    assert supports_layout(qwen, "shared", max_seq_len=8).ok  # the window never binds
-    assert supports_layout(qwen, "padded").ok
-    mistral = _tiny(MistralConfig, sliding_window=4096)
-    assert supports_layout(mistral, "shared", max_seq_len=2048).ok
-    assert not supports_layout(mistral, "shared", max_seq_len=8192).ok
-    static = supports_layout(mistral, "shared", max_seq_len=2048, probe=False)
-    assert static.ok and "known" in static.reason
 
 
 def test_unsupported_attention_implementation_is_reported():

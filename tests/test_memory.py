@@ -73,7 +73,7 @@ def test_workload_is_the_batch_the_collator_builds(layout):
         pairs = [(rng.randint(1, 300), rng.randint(1, 400), rng.randint(1, 400))
                  for _ in range(rng.randint(1, 9))]
         hidden = rng.choice([64, 576, 4096])
-        # qorpo.kernels: with per-pair kernels or FlexAttention the attention cost is 0
+        # qorpo.attention.cost: with per-pair kernels or FlexAttention the attention cost is 0
         kernel = (None, "qorpo_pairs", "flex_attention")[trial % 3]
         batch = build_batch([([1] * p, [2] * c, [3] * r) for p, c, r in pairs], layout,
                             pad_to_multiple_of=8,

@@ -265,11 +265,11 @@ def test_layouts_train_to_the_same_adapter(workdir, monkeypatch):
     """padded, prefix-shared and shared+packed batches: the same pairs in the same steps, the
     same optimisation (10 steps, AdamW), with qorpo.attention's per-pair kernels (CPU)."""
     root, model, data = workdir
-    monkeypatch.setattr("qorpo.attention.MIN_ROW_LENGTH", 0)  # the test rows are short
-    from qorpo.attention import pair_attention
+    monkeypatch.setattr("qorpo.attention.cost.MIN_ROW_LENGTH", 0)  # the test rows are short
+    from qorpo.attention.pairs import pair_attention
 
-    calls = []  # (use_pair_attention registers qorpo.attention.pair_attention at each run)
-    monkeypatch.setattr("qorpo.attention.pair_attention",
+    calls = []  # (use_pair_attention registers qorpo.attention.pairs.pair_attention each run)
+    monkeypatch.setattr("qorpo.attention.pairs.pair_attention",
                         lambda *a, **k: calls.append(k.get("qorpo_spans") is not None)
                         or pair_attention(*a, **k))
     flags = {"padded": dict(prefix_sharing=False), "shared": dict(packing=False), "packed": {}}
@@ -296,10 +296,10 @@ def test_layouts_train_to_the_same_adapter(workdir, monkeypatch):
 
 
 def test_a_model_that_cannot_share_prefixes_falls_back_and_says_so(tmp_path):
-    # Qwen2 with sliding-window layers (window 8) on sequences of up to 48 tokens: a custom
-    # mask would turn the window into full attention, so the run must use the padded layout.
-    model = make_model(tmp_path / "qwen", arch="qwen2", use_sliding_window=True,
-                       sliding_window=8, max_window_layers=0)
+    # Chunked attention (Llama 4's attention_chunk_size) builds its own mask structure, which
+    # a custom mask cannot express, so the run must use the padded layout. (Sliding windows no
+    # longer fall back: tests/test_sliding_window.py.)
+    model = make_model(tmp_path / "qwen", arch="qwen2", attention_chunk_size=16)
     data = write_pairs(tmp_path / "pairs.jsonl", 8)
     args = ["train", "--model", str(model), "--data", str(data), "--output-dir",
             str(tmp_path / "out"), "--max-steps", "1", "--max-length", "48",
@@ -308,5 +308,5 @@ def test_a_model_that_cannot_share_prefixes_falls_back_and_says_so(tmp_path):
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
-    assert "prefix sharing off for this model" in said and "sliding-window" in said
+    assert "prefix sharing off for this model" in said and "chunked attention" in said
     assert "using the padded layout" in said

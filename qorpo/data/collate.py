@@ -11,6 +11,9 @@ Each pair = (prompt ids, chosen response ids, rejected response ids):
 * ``packed``  the shared sequences of several pairs in one row (block-diagonal between pairs),
   first-fit by length into rows as long as the longest pair; padding only at a row's tail.
 
+Where each pair goes (rows, offsets, row length) is qorpo.data.placement's, torch-free and
+shared with the memory plan; this module turns a placement into tensors.
+
 `batch_size` means pairs per micro-batch in every layout, so every layout trains on the same
 pairs in the same steps. Every layout yields the same qorpo.loss.ScoreSpec (in the order
 qorpo.loss.padded_spec lists tokens), so the loss does not know the layout, and on the padded
@@ -20,22 +23,36 @@ last chosen token, which the rejected sequence must never see).
 
 Masks for ``shared``/``packed`` are not stored: a row's structure is two small (R, L) tensors
 (`segment_ids`, `part`) and the (R, 1, L, L) boolean mask is built from them where it is needed
-(`Batch.dense_mask`), after the cheap (R, L) transfer to the device. qorpo.forward's
-model_attention_mask gives each attention kernel its form (qorpo.kernels chooses the kernel).
+(`Batch.dense_mask`), after the cheap (R, L) transfer to the device.
+qorpo.attention.masks.model_attention_mask gives each kernel its form (qorpo.attention.choice
+chooses the kernel).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
+from qorpo.attention.cost import DEFAULT_ATTENTION_COST  # cost per (query, key); see there
+from qorpo.data.placement import (  # re-exported: the collator's geometry lives there
+    LAYOUTS,
+    PAD_MULTIPLE,
+    Placement,
+    Seat,
+    choose_capacity,
+    pack_rows,
+    place,
+)
 from qorpo.loss import ScoreSpec
 
+__all__ = ["CHOSEN", "LAYOUTS", "PAD", "PAD_MULTIPLE", "PAD_SEGMENT", "PROMPT", "REJECTED",
+           "Batch", "Layout", "Pair", "PairCollator", "build_batch", "choose_capacity",
+           "pack_rows", "pairs_from_features"]
+
 Layout = Literal["padded", "shared", "packed"]
-LAYOUTS: tuple[str, ...] = ("padded", "shared", "packed")
 
 # `Batch.part` codes: what each position of a row holds.
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
@@ -123,52 +140,6 @@ def pairs_from_features(features: Sequence[Mapping[str, Any]]) -> list[Pair]:
     return pairs
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: pair indices per row, every row's total ≤ capacity. Longest first
-    is what makes first-fit pack well; ties keep input order, so the result is deterministic."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
-
-
-# How much one position of a row costs, relative to its linear layers, per position of the row
-# it attends over: attention is ~4·H FLOPs per (query, key) per layer, the linear layers ~2·P
-# per token (P = parameters per layer, ~12·H² for a Llama block), so 4H / 2P ≈ 1 / (6 H). A
-# custom mask stops kernels from skipping masked blocks, so a row of length L costs about
-# L · (1 + L · ATTENTION_COST) — what `choose_capacity` minimises. 1/(6·576) for SmolLM2-135M;
-# a bigger model's is smaller (longer rows pay off more); the collator gets it from the model.
-DEFAULT_ATTENTION_COST = 1 / (6 * 576)
-
-
-def choose_capacity(lengths: list[int], multiple: int = 8,
-                    attention_cost: float = DEFAULT_ATTENTION_COST) -> int:
-    """The row capacity that lays `lengths` out cheapest: rows x L (padding included, every
-    row is L long) times the attention term, over capacities from the longest pair to twice
-    it (longer rows cost more in attention than the padding they save)."""
-    longest = max(lengths)
-    best, best_cost = longest, float("inf")
-    for cap in sorted({min(2 * longest, longest + n) for n in [0, *lengths]}):
-        rows = pack_rows(lengths, cap)
-        length = _round_up(max(sum(lengths[i] for i in r) for r in rows), multiple)
-        cost = len(rows) * length * (1 + length * attention_cost)
-        if cost < best_cost:
-            best, best_cost = cap, cost
-    return best
-
-
 def build_batch(
     pairs: Sequence[Pair],
     layout: Layout = "padded",
@@ -181,138 +152,121 @@ def build_batch(
 ) -> Batch:
     """Lay B pairs out as `layout` and describe what to score.
 
-    max_row_tokens: packed only, the row capacity; default: `choose_capacity` (between the
-    longest pair's P+C+R and twice it, whichever lays the pairs out cheapest for a model whose
-    `attention_cost` is given). A pair longer than it is an error.
-    pad_to_multiple_of: L is rounded up to it (qorpo's collator uses 8).
+    Where each pair goes is qorpo.data.placement.place's (max_row_tokens, pad_to_multiple_of,
+    attention_cost: see there; qorpo's collator pads to PAD_MULTIPLE); this fills the rows.
     Scoring is `qorpo.loss.pair_logps`'s: every response token of both sides; with
     `sft_on_prompt` also the chosen sequence's prompt tokens after the first (NLL only).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not pairs:
-        raise ValueError("no pairs to lay out")
-    ps = [[int(t) for t in p] for p, _, _ in pairs]
-    cs = [[int(t) for t in c] for _, c, _ in pairs]
-    rs = [[int(t) for t in r] for _, _, r in pairs]
-    for k, (p, c, r) in enumerate(zip(ps, cs, rs, strict=True)):
+    tokens = _token_lists(pairs)
+    where = place([(len(p), len(c), len(r)) for p, c, r in tokens], layout,
+                  sft_on_prompt=sft_on_prompt, max_row_tokens=max_row_tokens,
+                  pad_to_multiple_of=pad_to_multiple_of, attention_cost=attention_cost)
+    rows = _fill_rows(where, tokens, int(pad_token_id))
+    index, target, seq, resp, sft = _score_tensors(where, tokens, sft_on_prompt)
+    return Batch(
+        layout=layout, input_ids=rows.input_ids, position_ids=rows.position_ids,
+        segment_ids=rows.segment_ids, part=rows.part, score_index=index, score_target=target,
+        score_seq=seq, score_response=resp, score_sft=sft, num_pairs=len(tokens),
+        unique_tokens=where.unique_tokens, input_tokens=where.input_tokens,
+        pad_tokens=where.pad_tokens, num_sft_tokens=where.sft_tokens,
+    )
+
+
+TokenLists = list[tuple[list[int], list[int], list[int]]]
+
+
+def _token_lists(pairs: Sequence[Pair]) -> TokenLists:
+    """The pairs as plain int lists; each part needs a token (the first response token is
+    predicted from the last prompt token)."""
+    out = [([int(t) for t in p], [int(t) for t in c], [int(t) for t in r]) for p, c, r in pairs]
+    for k, (p, c, r) in enumerate(out):
         if not p or not c or not r:
             raise ValueError(f"pair {k}: prompt, chosen and rejected need at least one token each "
                              f"(got {len(p)}, {len(c)}, {len(r)}); the first response token is "
                              "predicted from the last prompt token")
-    b = len(pairs)
-    multiple = max(1, int(pad_to_multiple_of))
+    return out
 
-    # Where each pair goes: for padded, chosen i → row i and rejected i → row B+i, each at
-    # offset 0; otherwise pair i → (row, offset) with prompt|chosen|rejected contiguous.
-    shared_len = [len(p) + len(c) + len(r) for p, c, r in zip(ps, cs, rs, strict=True)]
-    if layout == "padded":
-        used = [len(p) + len(c) for p, c in zip(ps, cs, strict=True)]
-        used += [len(p) + len(r) for p, r in zip(ps, rs, strict=True)]
-        n_rows, length = 2 * b, _round_up(max(used), multiple)
-    else:
-        if layout == "shared":
-            row_pairs = [[i] for i in range(b)]
-        else:
-            capacity = (choose_capacity(shared_len, multiple, attention_cost)
-                        if max_row_tokens is None else int(max_row_tokens))
-            if max(shared_len) > capacity:
-                raise ValueError(f"a pair has {max(shared_len)} tokens (prompt + both responses), "
-                                 f"more than max_row_tokens={capacity}")
-            row_pairs = pack_rows(shared_len, capacity)
-        place: list[tuple[int, int]] = [(0, 0)] * b  # pair → (row, offset)
-        used = []
-        for r, members in enumerate(row_pairs):
-            offset = 0
-            for i in members:
-                place[i] = (r, offset)
-                offset += shared_len[i]
-            used.append(offset)
-        n_rows, length = len(row_pairs), _round_up(max(used), multiple)
 
-    input_ids = torch.full((n_rows, length), int(pad_token_id), dtype=torch.long)  # (R, L)
-    position_ids = torch.zeros((n_rows, length), dtype=torch.long)  # (R, L)
-    segment_ids = torch.full((n_rows, length), PAD_SEGMENT, dtype=torch.long)  # (R, L)
-    part = torch.full((n_rows, length), PAD, dtype=torch.int8)  # (R, L)
+class _Rows(NamedTuple):
+    input_ids: torch.Tensor  # (R, L) long
+    position_ids: torch.Tensor  # (R, L) long
+    segment_ids: torch.Tensor  # (R, L) long
+    part: torch.Tensor  # (R, L) int8
 
-    def put(row: int, start: int, ids: list[int], pos0: int, seg: int, what: int) -> None:
-        end = start + len(ids)
-        input_ids[row, start:end] = torch.tensor(ids, dtype=torch.long)
-        position_ids[row, start:end] = torch.arange(pos0, pos0 + len(ids))
-        segment_ids[row, start:end] = seg
-        part[row, start:end] = what
+    def put(self, seat: Seat, ids: list[int], pos0: int, segment: int, what: int) -> None:
+        row, start, end = seat.row, seat.start, seat.start + len(ids)
+        self.input_ids[row, start:end] = torch.tensor(ids, dtype=torch.long)
+        self.position_ids[row, start:end] = torch.arange(pos0, pos0 + len(ids))
+        self.segment_ids[row, start:end] = segment
+        self.part[row, start:end] = what
 
-    # Flat (R·L) index of the hidden state at position `pos` of a pair's chosen / rejected
-    # sequence (prompt at positions 0…P−1, response from P on), for either layout.
-    def chosen_at(i: int, pos: torch.Tensor) -> torch.Tensor:
-        row, off = (i, 0) if layout == "padded" else place[i]
-        return row * length + off + pos
 
-    def rejected_at(i: int, pos: torch.Tensor) -> torch.Tensor:
-        if layout == "padded":
-            return (b + i) * length + pos
-        row, off = place[i]
-        c = len(cs[i])
-        # prompt positions are the shared prompt's; response positions sit after the chosen
-        return row * length + off + torch.where(pos < len(ps[i]), pos, pos + c)
-
-    for i, (p, c, r) in enumerate(zip(ps, cs, rs, strict=True)):
-        if layout == "padded":
-            put(i, 0, p, 0, i, PROMPT)
-            put(i, len(p), c, len(p), i, CHOSEN)
-            put(b + i, 0, p, 0, b + i, PROMPT)
-            put(b + i, len(p), r, len(p), b + i, REJECTED)
-        else:
-            row, off = place[i]
-            put(row, off, p, 0, i, PROMPT)
-            put(row, off + len(p), c, len(p), i, CHOSEN)
-            put(row, off + len(p) + len(c), r, len(p), i, REJECTED)
+def _fill_rows(where: Placement, tokens: TokenLists, pad_token_id: int) -> _Rows:
+    """The (R, L) tensors with every pair's tokens in its seats."""
+    shape = (where.rows, where.length)
+    rows = _Rows(torch.full(shape, pad_token_id, dtype=torch.long),
+                 torch.zeros(shape, dtype=torch.long),
+                 torch.full(shape, PAD_SEGMENT, dtype=torch.long),
+                 torch.full(shape, PAD, dtype=torch.int8))
+    for seats, (p, c, r) in zip(where.pairs, tokens, strict=True):
+        rows.put(seats.prompt, p, 0, seats.chosen_segment, PROMPT)
+        rows.put(seats.chosen, c, len(p), seats.chosen_segment, CHOSEN)
+        if seats.rejected_prompt != seats.prompt:  # padded: the rejected row's own prompt
+            rows.put(seats.rejected_prompt, p, 0, seats.rejected_segment, PROMPT)
+        rows.put(seats.rejected, r, len(p), seats.rejected_segment, REJECTED)
     # Padding: positions keep counting (padded: what the model would use by default; elsewhere
     # harmless, the padding is its own segment) — any bounded value would do.
-    for row in range(n_rows):
-        pad = part[row] == PAD
+    for row in range(where.rows):
+        pad = rows.part[row] == PAD
         if pad.any():
             first = int(pad.nonzero()[0])
-            position_ids[row, first:] = torch.arange(length - first) + (
-                first if layout == "padded" else 0)
+            rows.position_ids[row, first:] = torch.arange(where.length - first) + (
+                first if where.layout == "padded" else 0)
+    return rows
 
-    # The scoring spec, in pair_logps's order: chosen 0…B−1, then rejected 0…B−1, each left to
-    # right. Token at sequence position t is predicted by the hidden state at t−1.
+
+def _flat_index(where: Placement, prompt: Seat, response: Seat, n_prompt: int,
+                pos: torch.Tensor) -> torch.Tensor:
+    """Flat (R·L) index of position `pos` of a sequence that reads `prompt` (positions
+    0…P−1) then `response` (P on), wherever the layout put them."""
+    length = where.length
+    return torch.where(pos < n_prompt, prompt.row * length + prompt.start + pos,
+                       response.row * length + response.start + pos - n_prompt)
+
+
+def _score_tensors(where: Placement, tokens: TokenLists,
+                   sft_on_prompt: bool) -> tuple[torch.Tensor, ...]:
+    """(index, target, seq, response, sft), in pair_logps's order: chosen 0…B−1, then rejected
+    0…B−1, each left to right. Token at sequence position t is predicted by the hidden state
+    at t−1."""
+    b = len(tokens)
     index, target, seq, resp, sft = [], [], [], [], []
-    for i, (p, c, _) in enumerate(zip(ps, cs, rs, strict=True)):
+    for i, (seats, (p, c, _)) in enumerate(zip(where.pairs, tokens, strict=True)):
         n_p = len(p)
         first = 1 if sft_on_prompt else n_p
         t = torch.arange(first, n_p + len(c))  # scored positions of the chosen sequence
-        index.append(chosen_at(i, t - 1))
+        index.append(_flat_index(where, seats.prompt, seats.chosen, n_p, t - 1))
         target.append(torch.tensor((p + c)[first:], dtype=torch.long))
         seq.append(torch.full_like(t, i))
         resp.append(t >= n_p)
         sft.append(torch.ones_like(t, dtype=torch.bool))
-    for i, (p, _, r) in enumerate(zip(ps, cs, rs, strict=True)):
+    for i, (seats, (p, _, r)) in enumerate(zip(where.pairs, tokens, strict=True)):
         n_p = len(p)
         t = torch.arange(n_p, n_p + len(r))
         # t−1 = P−1 for the first rejected token: the last prompt token (the boundary)
-        index.append(rejected_at(i, t - 1))
+        index.append(_flat_index(where, seats.rejected_prompt, seats.rejected, n_p, t - 1))
         target.append(torch.tensor(r, dtype=torch.long))
         seq.append(torch.full_like(t, b + i))
         resp.append(torch.ones_like(t, dtype=torch.bool))
         sft.append(torch.zeros_like(t, dtype=torch.bool))
+    return tuple(torch.cat(x) for x in (index, target, seq, resp, sft))
 
-    input_tokens = int((part != PAD).sum())
-    score_sft = torch.cat(sft)
-    return Batch(
-        layout=layout, input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
-        part=part, score_index=torch.cat(index), score_target=torch.cat(target),
-        score_seq=torch.cat(seq), score_response=torch.cat(resp), score_sft=score_sft,
-        num_pairs=b, unique_tokens=sum(shared_len), input_tokens=input_tokens,
-        pad_tokens=n_rows * length - input_tokens, num_sft_tokens=int(score_sft.sum()),
-    )
 
 class PairCollator:
     """qorpo.data examples -> a micro-batch dict for the Trainer (`Batch.to_dict()` + `row`, the
     pairs' row numbers in the data file). `Batch.from_dict` turns it back into a Batch."""
 
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, *,
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = PAD_MULTIPLE, *,
                  layout: Layout = "padded", sft_on_prompt: bool = False,
                  max_row_tokens: int | None = None,
                  attention_cost: float = DEFAULT_ATTENTION_COST) -> None:

@@ -107,8 +107,8 @@ def generate_all(model: Any, tokenizer: Any, prompts: list[list[int]],
                  keys: list[tuple[str, str]], max_new_tokens: int,
                  console: Console) -> list[dict[str, str]]:
     """Greedy replies to each prompt (token ids exactly as scored) from every model key."""
+    from qorpo.attention.choice import for_generation
     from qorpo.forward import mixed_precision
-    from qorpo.kernels import for_generation
 
     out: list[dict[str, str]] = [
         {"prompt": tokenizer.decode(ids, skip_special_tokens=True).strip()} for ids in prompts]

@@ -54,9 +54,17 @@ FRAGMENTATION = 0.10
 # Share of a GPU's nominal memory a run can plan with: a Colab T4 sold as 16 GB shows 15,360 of
 # 16,384 MiB (ECC on), and the driver keeps some.
 USABLE_FRACTION = 0.94
-# CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets and the tokenizer
-# loaded, before the model (measured: scripts/bench_memory.py, scripts/bench_merge.py).
-CPU_RUNTIME_BYTES = 585 * 2**20  # 580-597 MiB in every measured run
+# CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets, the tokenizer and
+# the data loaded, before the model. `qorpo train` measures it (qorpo.sysmem.runtime_resident):
+# it differs by release (499 MiB with transformers 5.25 in one venv, 526 in a fresh one with the
+# same versions, 532 with SmolLM2's tokenizer and real data); this is for `qorpo estimate`.
+CPU_RUNTIME_BYTES = 533 * 2**20
+# What a run then allocates that no component above counts: the model's modeling code and
+# peft's tuners imported at load, the Trainer's first-step set-up (optimizer, autograd engine,
+# lazy imports). Measured: peak minus (measured runtime + components) = 42.6 and 45.5 MiB for
+# a tiny 8-layer model in two venvs (tests/test_trust_inputs.py test_11, pinned thresholds),
+# 17 MiB where loading a 135M model is the peak; 52 leaves ~6 MiB for variation.
+CPU_START_BYTES = 52 * 2**20
 
 
 class Workload(NamedTuple):
@@ -122,8 +130,11 @@ def _shape(model: ModelShape | str) -> ModelShape:
 def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_r: int = 16,
              chunk_size: int = DEFAULT_CHUNK_SIZE, optim: str | None = None,
              device: str = "cuda", checkpointing: bool = True, lora_dropout: bool = True,
-             workload: Workload | None = None) -> MemoryEstimate:
-    """Peak memory of one training step: `workload`, or `pairs` pairs padded to `seq_len`."""
+             workload: Workload | None = None, runtime: tuple[float, float] | None = None,
+             ) -> MemoryEstimate:
+    """Peak memory of one training step: `workload`, or `pairs` pairs padded to `seq_len`.
+    CPU: `runtime` is the (resident, peak) bytes of the process that will train, measured before
+    the model loads (qorpo.sysmem.runtime_resident); None: CPU_RUNTIME_BYTES."""
     m = _shape(model)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
@@ -134,7 +145,7 @@ def estimate(model: ModelShape | str, seq_len: int = 0, *, pairs: int = 1, lora_
     if optim not in OPTIMIZER_STATE_BYTES:
         raise KeyError(f"unknown optimizer {optim!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}")
     if device == "cpu":
-        return _cpu(m, work, lora_r, chunk_size, optim, checkpointing, lora_dropout)
+        return _cpu(m, work, lora_r, chunk_size, optim, checkpointing, lora_dropout, runtime)
     act = BYTES_16BIT
     tokens, lora = work.tokens, m.lora_params(lora_r)
     layer = tokens * m.layer_bytes_per_token(act)
@@ -180,7 +191,8 @@ def cpu_layer_bytes(m: ModelShape, length: int, lora_r: int, lora_dropout: bool 
 
 
 def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str,
-         checkpointing: bool, lora_dropout: bool) -> MemoryEstimate:
+         checkpointing: bool, lora_dropout: bool,
+         runtime: tuple[float, float] | None = None) -> MemoryEstimate:
     """Peak RSS on the CPU (fp32): the largest of loading the model and a training step, with
     the live tensors resident and nothing else (glibc's thresholds pinned)."""
     n, lora = work.tokens, m.lora_params(lora_r)
@@ -218,6 +230,8 @@ def _cpu(m: ModelShape, work: Workload, lora_r: int, chunk_size: int, optim: str
     # copied out of the mapping into fp32 (qorpo.sysmem.release_file_mappings then drops it).
     mapped = m.checkpoint_bytes * (m.linear_params + m.embedding_params + m.norm_params)
     load = mapped + parts["quantized_weights"] + dense
-    allowance = CPU_RUNTIME_BYTES + max(0.0, load - step)
+    resident, peak = runtime or (CPU_RUNTIME_BYTES, 0.0)
+    # the process's peak before the model loaded (reading the data, say) is a floor of its own
+    allowance = max(resident + CPU_START_BYTES + max(0.0, load - step), peak - step)
     return MemoryEstimate(**parts, allowance=allowance,
                           naive_logits=n * m.vocab * NAIVE_LOGIT_BYTES)

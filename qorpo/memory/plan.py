@@ -4,16 +4,17 @@ headroom on the device, and which knob to turn first when it does not fit."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from qorpo.config import parse_memory_size
+from qorpo.config import DEFAULT_CHUNK_SIZE, default_max_prompt_length, parse_memory_size
+from qorpo.data.placement import PAD_MULTIPLE, Lengths, place
 from qorpo.errors import ConfigError
 from qorpo.memory.formula import GIB, USABLE_FRACTION, MemoryEstimate, Workload, estimate
-from qorpo.memory.shapes import ModelShape
+from qorpo.memory.options import DEFAULT_MAX_LENGTH, EstimateConfig
+from qorpo.memory.shapes import ModelShape, read_shape
+from qorpo.memory.shapes import model_shape as model_shape  # its home before; callers use it
 
-Lengths = tuple[int, int, int]  # one pair's (prompt, chosen response, rejected response) tokens
-ROUND_TO = 8  # the collator pads rows to a multiple of 8
 # glibc's default allocator on a run WITHOUT gradient checkpointing: peak RSS up to this many
 # times the live estimate. Measured, SmolLM2-135M 4-bit, packed: 4 pairs x 512, two steps of
 # one shape: 9.8 GiB against an estimate of 7.8 (1.26x; 6.6 pinned); the offline demo (12
@@ -76,37 +77,23 @@ class RunEstimate(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- workloads
-def _round(n: int) -> int:
-    return -(-n // ROUND_TO) * ROUND_TO
-
-
 def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = False,
              hidden: int | None = None, kernel: str | None = None) -> Workload:
-    """The micro-batch these pairs make in `layout` (rows x length as qorpo.data.collate
-    builds them, packed rows as long as its choose_capacity makes them for a model of width
-    `hidden`). `kernel`: qorpo.kernels.planned — a kernel that skips masked blocks lets pairs
-    share a row for free; FlexAttention needs no dense (R, 1, L, L) mask, every other kernel
-    gets one unless nothing is padded."""
-    from qorpo.attention import NAME as PAIR_ATTENTION
-    from qorpo.data.collate import DEFAULT_ATTENTION_COST, choose_capacity, pack_rows
-    from qorpo.kernels import FLEX, skips_masked_blocks
+    """The micro-batch these pairs make in `layout`: rows x length and scored tokens as
+    qorpo.data.collate builds them (both ask qorpo.data.placement.place), packed rows as long
+    as choose_capacity makes them for a model of width `hidden`. `kernel`:
+    qorpo.attention.choice.planned — a kernel that skips masked blocks lets pairs share a row
+    for free; FlexAttention needs no dense (R, 1, L, L) mask, every other kernel gets one
+    unless nothing is padded."""
+    from qorpo.attention import FLEX, PAIR_ATTENTION
+    from qorpo.attention.cost import cost_per_key, skips_masked_blocks
 
-    scored = sum(c + r + (p - 1 if sft_on_prompt else 0) for p, c, r in pairs)
     sparse = layout != "padded" and skips_masked_blocks(kernel)
-    if layout == "padded":
-        used = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
-        rows, length = len(used), _round(max(used))
-    else:
-        shared = [p + c + r for p, c, r in pairs]
-        if layout == "shared":
-            rows, length = len(shared), _round(max(shared))
-        else:
-            cost = 0.0 if sparse else (1 / (6 * hidden) if hidden else DEFAULT_ATTENTION_COST)
-            packed = pack_rows(shared, choose_capacity(shared, ROUND_TO, cost))
-            rows, length = len(packed), _round(max(sum(shared[i] for i in r) for r in packed))
-    padded = layout == "padded" and rows * length == sum(used)
+    where = place(pairs, layout, sft_on_prompt=sft_on_prompt, pad_to_multiple_of=PAD_MULTIPLE,
+                  attention_cost=0.0 if sparse else cost_per_key(hidden))
+    full = layout == "padded" and where.pad_tokens == 0  # the model's own causal mask
     flex = sparse and kernel == FLEX
-    return Workload(rows, length, scored, mask=not padded and not flex,
+    return Workload(where.rows, where.length, where.scored_tokens, mask=not full and not flex,
                     pair_attention=sparse and kernel == PAIR_ATTENTION)
 
 
@@ -122,7 +109,7 @@ def batches(lengths: Sequence[Lengths], batch_size: int) -> tuple[list[Lengths],
 
 def assumed_lengths(max_length: int, max_prompt_length: int | None = None) -> list[Lengths]:
     """Without data: a pair that fills max_length on both sides (the worst case)."""
-    prompt = max_prompt_length or max_length // 2
+    prompt = max_prompt_length or default_max_prompt_length(max_length)
     return [(prompt, max_length - prompt, max_length - prompt)]
 
 
@@ -170,19 +157,21 @@ def detect_capacity(device: str) -> Capacity | None:
 # ----------------------------------------------------------------------------- the plan
 def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_size: int,
          layout: str, max_length: int, max_prompt_length: int, lora_r: int = 16,
-         chunk_size: int = 256, checkpointing: bool = True, low_cpu_memory: bool | None = None,
-         sft_on_prompt: bool = False, lora_dropout: bool = True,
+         chunk_size: int = DEFAULT_CHUNK_SIZE, checkpointing: bool = True,
+         low_cpu_memory: bool | None = None, sft_on_prompt: bool = False, lora_dropout: bool = True,
          capacity: Capacity | None = None, kernel: str | None = None,
-         allocator: str = "glibc") -> RunEstimate:
+         allocator: str = "glibc", runtime: tuple[float, float] | None = None) -> RunEstimate:
     """The run's estimate on `device`, and — when `capacity` is known and it does not fit —
     what each knob would give, cheapest first. On the CPU also whether glibc's thresholds are
     pinned: `low_cpu_memory` as asked, or (None) when the default allocator's bound would not
     fit `capacity`. `allocator`: qorpo.sysmem.allocator() of the process that will train
-    (jemalloc/tcmalloc return freed memory themselves: no bound, nothing to pin)."""
+    (jemalloc/tcmalloc return freed memory themselves: no bound, nothing to pin). `runtime`:
+    the CPU process's (resident, peak) bytes before the model loads (memory.formula.estimate)."""
 
     def est(lens: Sequence[Lengths], **over: Any) -> MemoryEstimate:
+        """The estimate for the peak micro-batch of `lens`, with some settings changed."""
         kw = dict(lora_r=lora_r, chunk_size=chunk_size, device=device, lora_dropout=lora_dropout,
-                  checkpointing=checkpointing)
+                  checkpointing=checkpointing, runtime=runtime)
         kw |= {k: v for k, v in over.items() if k != "batch_size" and k != "layout"}
         peak_pairs, _ = batches(lens, over.get("batch_size", batch_size))
         work = workload(peak_pairs, over.get("layout", layout), sft_on_prompt=sft_on_prompt,
@@ -191,48 +180,59 @@ def plan(shape: ModelShape, lengths: Sequence[Lengths], *, device: str, batch_si
 
     peak = est(lengths)
     _, median = batches(lengths, batch_size)
-    typical = estimate(shape, workload=workload(median, layout, sft_on_prompt=sft_on_prompt,
-                                                hidden=shape.hidden,
-                                                kernel=kernel),
-                       lora_r=lora_r, chunk_size=chunk_size, device=device,
-                       lora_dropout=lora_dropout, checkpointing=checkpointing)
-    knobs: list[Knob] = []
+    typical = est(median, batch_size=len(median))  # every pair of it: the median batch
+    knobs: tuple[Knob, ...] = ()
     if capacity is not None and peak.total > capacity.bytes:
-        tries: list[tuple[str, MemoryEstimate]] = []
-        if batch_size > 1:
-            tries.append(("--batch-size 1 (raise --grad-accum: the same gradient)",
-                          est(lengths, batch_size=1)))
-        if not checkpointing:
-            tries.append(("--gradient-checkpointing", est(lengths, checkpointing=True)))
-        if layout != "packed":
-            tries.append(("--prefix-sharing --packing", est(lengths, layout="packed")))
-        if chunk_size > 64:
-            tries.append(("--chunk-size 64", est(lengths, chunk_size=64)))
-        half = max_length // 2
-        if half >= 64:
-            shorter = clip(lengths, half, min(max_prompt_length, half // 2))
-            tries.append((f"--max-length {half}", est(shorter)))
-        knobs = [Knob(what, e.total, e.total <= capacity.bytes) for what, e in tries]
-        knobs.sort(key=lambda k: (not k.fits, k.total))
+        tries = _knob_tries(est, lengths, batch_size=batch_size, checkpointing=checkpointing,
+                            layout=layout, chunk_size=chunk_size, max_length=max_length,
+                            max_prompt_length=max_prompt_length)
+        knobs = tuple(sorted((Knob(what, e.total, e.total <= capacity.bytes)
+                              for what, e in tries), key=lambda k: (not k.fits, k.total)))
     if device != "cpu" or allocator != "glibc":
-        return RunEstimate(device, peak, typical, capacity, tuple(knobs))
+        return RunEstimate(device, peak, typical, capacity, knobs)
     bound = allocator_bound(shape, peak, est(lengths, checkpointing=False), checkpointing)
     room = None if capacity is None else capacity.bytes
     pinned = bool(low_cpu_memory) if low_cpu_memory is not None else (
         room is not None and bound > room)
+    note = _allocator_note(bound, room, pinned, asked=low_cpu_memory is not None)
+    return RunEstimate(device, peak, typical, capacity, knobs, note, pinned, bound)
+
+
+def _knob_tries(est: Callable[..., MemoryEstimate], lengths: Sequence[Lengths], *,
+                batch_size: int, checkpointing: bool, layout: str, chunk_size: int,
+                max_length: int, max_prompt_length: int) -> list[tuple[str, MemoryEstimate]]:
+    """Each knob a run could turn, with the estimate it would give (`est`: plan's)."""
+    tries: list[tuple[str, MemoryEstimate]] = []
+    if batch_size > 1:
+        tries.append(("--batch-size 1 (raise --grad-accum: the same gradient)",
+                      est(lengths, batch_size=1)))
+    if not checkpointing:
+        tries.append(("--gradient-checkpointing", est(lengths, checkpointing=True)))
+    if layout != "packed":
+        tries.append(("--prefix-sharing --packing", est(lengths, layout="packed")))
+    if chunk_size > 64:
+        tries.append(("--chunk-size 64", est(lengths, chunk_size=64)))
+    half = max_length // 2
+    if half >= 64:
+        shorter = clip(lengths, half, min(max_prompt_length, default_max_prompt_length(half)))
+        tries.append((f"--max-length {half}", est(shorter)))
+    return tries
+
+
+def _allocator_note(bound: float, room: float | None, pinned: bool, *, asked: bool) -> str:
+    """What the CPU estimate cannot promise with glibc's allocator (`asked`: --low-cpu-memory
+    or --no-low-cpu-memory given, rather than left to qorpo)."""
     gib = f"{bound / GIB:.1f} GiB"
-    if pinned and low_cpu_memory is None:
-        note = (f"glibc's default allocator could hold up to {gib} (freed memory kept "
+    if pinned and not asked:
+        return (f"glibc's default allocator could hold up to {gib} (freed memory kept "
                 f"resident), more than the {room / GIB:.1f} GiB available: its thresholds are "
                 "pinned (--low-cpu-memory), so the peak is this estimate; 1.4-1.6x slower "
                 "(--no-low-cpu-memory to keep the default allocator)")
-    elif pinned:
-        note = ""  # asked for: the estimate is the peak
-    else:
-        note = (f"glibc's default allocator (fast) keeps freed memory resident: peak RSS "
-                f"between this estimate and {gib}; with --low-cpu-memory it is this estimate, "
-                "1.4-1.6x slower (chosen automatically when the bound does not fit)")
-    return RunEstimate(device, peak, typical, capacity, tuple(knobs), note, pinned, bound)
+    if pinned:
+        return ""  # asked for: the estimate is the peak
+    return (f"glibc's default allocator (fast) keeps freed memory resident: peak RSS "
+            f"between this estimate and {gib}; with --low-cpu-memory it is this estimate, "
+            "1.4-1.6x slower (chosen automatically when the bound does not fit)")
 
 
 def allocator_bound(shape: ModelShape, live: MemoryEstimate, unchecked: MemoryEstimate,
@@ -296,6 +296,48 @@ def check_context(max_length: int, shape: ModelShape) -> None:
                            f"config.json); use --max-length {shape.context} or less"])
 
 
+# ----------------------------------------------------------------------------- qorpo estimate
+class EstimateReport(NamedTuple):
+    """What `qorpo estimate` says: the plan for worst-case pairs, and what would fit."""
+
+    model: str
+    max_length: int  # as asked, or the default for this model
+    batch_size: int
+    context: int | None  # the model's (config.json), None when it does not say
+    estimate: RunEstimate
+    largest: dict[str, int]  # largest_fits; {} when the device's memory is unknown
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, **self.estimate.to_json(), "largest": self.largest}
+
+
+def estimate_run(config: EstimateConfig) -> EstimateReport:
+    """`qorpo estimate` as a function: the memory a run of `config` needs, from the model's
+    config.json alone (no data yet: pairs that fill max_length on both sides)."""
+    from qorpo.attention.choice import planned
+    from qorpo.sysmem import allocator
+
+    cfg = config.validate()
+    device = cfg.device or ("cuda" if cfg.gpu_memory else None)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    capacity = gpu_capacity(cfg.gpu_memory) if cfg.gpu_memory else detect_capacity(device)
+    shape = read_shape(str(cfg.model))
+    length = cfg.max_length or min(DEFAULT_MAX_LENGTH, shape.context or DEFAULT_MAX_LENGTH)
+    check_context(length, shape)
+    kernel = planned(device, cfg.layout, None)
+    est = plan(shape, assumed_lengths(length) * cfg.batch_size, device=device,
+               batch_size=cfg.batch_size, layout=cfg.layout, max_length=length,
+               max_prompt_length=default_max_prompt_length(length), lora_r=cfg.lora_r,
+               capacity=capacity, low_cpu_memory=cfg.low_cpu_memory, allocator=allocator(),
+               kernel=kernel)
+    best = largest_fits(shape, capacity, layout=cfg.layout, lora_r=cfg.lora_r,
+                        max_length=length, kernel=kernel) if capacity else {}
+    return EstimateReport(str(cfg.model), length, cfg.batch_size, shape.context, est, best)
+
+
 # ----------------------------------------------------------------------------- a training run
 def pair_lengths(examples: Any) -> list[Lengths]:
     """(prompt, chosen, rejected) token counts of qorpo.data examples, as trained."""
@@ -305,18 +347,6 @@ def pair_lengths(examples: Any) -> list[Lengths]:
                                        examples["rejected_input_ids"], strict=True):
         out.append((int(start), len(chosen) - int(start), len(rejected) - int(start)))
     return out
-
-
-def model_shape(model: str, revision: str | None = None,
-                trust_remote_code: bool = False) -> ModelShape:
-    """The model's shape from its config.json alone: no weight file is opened."""
-    from transformers import AutoConfig
-
-    from qorpo.memory.shapes import shape_from_config
-
-    cfg = AutoConfig.from_pretrained(model, revision=revision,
-                                     trust_remote_code=trust_remote_code)
-    return shape_from_config(cfg, name=str(model))
 
 
 def peak_measured(device: str) -> float | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from qorpo.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ MODELS: dict[str, ModelShape] = {
 
 def shape_from_config(config: Any, name: str = "") -> ModelShape:
     """A ModelShape from a transformers config (Llama/Mistral/Qwen-style attribute names)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from qorpo.hf import text_config  # here: qorpo.hf loads torch, qorpo.memory stays torch-free
+
+    cfg = text_config(config)
     heads = int(cfg.num_attention_heads)
     return ModelShape(
         name=name or str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
@@ -112,7 +117,9 @@ def context_length(cfg: Any) -> int | None:
     """The longest sequence a (text) config takes: max_position_embeddings, stretched by a
     RoPE scaling that extends it (linear, dynamic, yarn: Qwen2.5's documented yarn factor 4 on
     32,768 gives 131,072); None when the config does not say."""
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    from qorpo.hf import text_config  # here: qorpo.hf loads torch, qorpo.memory stays torch-free
+
+    cfg = text_config(cfg)
     base = getattr(cfg, "max_position_embeddings", None)
     if not isinstance(base, int) or base <= 0:
         return None
@@ -131,3 +138,42 @@ def _checkpoint_bytes(config: Any) -> int:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
     return {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}.get(name, 2)
+
+
+def model_shape(model: str, revision: str | None = None,
+                trust_remote_code: bool = False) -> ModelShape:
+    """The model's shape from its config.json alone: no weight file is opened."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model, revision=revision,
+                                     trust_remote_code=trust_remote_code)
+    return shape_from_config(cfg, name=str(model))
+
+
+def read_shape(model: str) -> ModelShape:
+    """`model_shape`, with a ModelError that says what is wrong with `model` (a missing folder,
+    a folder without config.json, a hub id that cannot be read) instead of the hub library's
+    words."""
+    path = Path(model).expanduser()
+    # A path, not a hub id (those are "name" or "org/name"): say the folder is missing rather
+    # than pass the hub library's "Repo id must be in the form…" on.
+    if not path.exists() and (path.is_absolute() or model.startswith((".", "~"))
+                              or model.count("/") > 1 or "\\" in model):
+        raise ModelError(f"--model {model}: no such folder (looked from {Path.cwd()}). Pass a "
+                         "model folder or a Hugging Face hub id such as "
+                         "HuggingFaceTB/SmolLM2-360M-Instruct.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"--model {model} is not a model folder: config.json is missing (a "
+                         "model folder holds config.json, as save_pretrained writes it).")
+    try:
+        return model_shape(model)
+    except (OSError, ValueError) as exc:  # not found, offline, not a config
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if path.exists():
+            raise ModelError(f"--model {model}: could not read its config.json ({reason}). A "
+                             "model folder holds config.json, as save_pretrained writes "
+                             "it.") from None
+        raise ModelError(f"--model {model}: could not read its config.json from the Hugging "
+                         f"Face hub ({reason}). Check the model id and your network (offline, "
+                         "HF_HUB_OFFLINE=1 uses models already in the cache), or pass a local "
+                         "model folder.") from None

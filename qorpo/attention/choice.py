@@ -4,7 +4,7 @@ A masked SDPA call computes every block of a row and then masks it; in qorpo's l
 the upper triangle, rejected queries against chosen keys and, in a packed row, every pair
 against every other. Where it can, qorpo runs a kernel that skips those blocks instead:
 
-* CPU: qorpo.attention's per-pair SDPA calls (`qorpo_pairs`), measured 1.2-1.3x per step.
+* CPU: qorpo.attention.pairs' per-pair SDPA calls (`qorpo_pairs`), measured 1.2-1.3x per step.
 * CUDA: FlexAttention with a BlockMask (`flex_attention`, Triton kernels compiled by
   torch.compile on first use). The mask is a few bytes per 128 x 128 block instead of a dense
   rows x length^2 tensor, and the kernels skip the blocks it rules out.
@@ -30,22 +30,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from qorpo.attention import NAME as PAIR_ATTENTION
-from qorpo.attention import use_pair_attention
+from qorpo.attention import FLEX, PAIR_ATTENTION
+from qorpo.attention.masks import attn_implementation
+from qorpo.attention.pairs import replaces, use_pair_attention
 from qorpo.data.collate import build_batch
 from qorpo.errors import ModelError
-from qorpo.forward import (
-    attn_implementation,
-    hidden_states,
-    mixed_precision,
-    probe_layout,
-    probe_pairs,
-)
+from qorpo.forward import hidden_states, mixed_precision, probe_layout, probe_pairs
 from qorpo.model import unwrap
 from qorpo.quant import fsdp_active
-
-FLEX = "flex_attention"
-
 
 # The start-up training step's pairs: two packed rows of 160 tokens. At least 128 query
 # positions (shorter rows would compile FlexAttention's decoding kernel, not the training one),
@@ -58,12 +50,6 @@ class KernelChoice(NamedTuple):
     name: str  # the attention implementation the model runs now
     note: str | None  # one line for the user (what was chosen, or why not), or None
     fell_back: bool = False  # the planned kernel could not be used here
-
-
-def skips_masked_blocks(implementation: str | None) -> bool:
-    """Whether this attention implementation skips the blocks a layout's mask rules out
-    (pairs sharing a packed row then cost no attention for each other)."""
-    return implementation in (PAIR_ATTENTION, FLEX)
 
 
 def flex_available() -> bool:
@@ -109,7 +95,8 @@ def choose(model: nn.Module, device: str, layout: str, requested: str | None) ->
                              "pass sdpa.")
         return KernelChoice(FLEX, None)
     name = "FlexAttention" if kernel == FLEX else "Per-pair attention"
-    if current != "sdpa":  # e.g. an eager-only model: it keeps its kernel and the dense mask
+    if current != "sdpa" and not (kernel == PAIR_ATTENTION and replaces(base.config)):
+        # e.g. an eager-only model: it keeps its kernel and the dense mask
         return KernelChoice(current, f"{name} is tried only in place of sdpa; this model runs "
                             f"{current}, with a dense mask for the {layout} layout",
                             fell_back=True)
@@ -213,7 +200,8 @@ def _training(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def for_generation(model: nn.Module) -> Iterator[None]:
     """sdpa while generating: FlexAttention's compiled kernels would recompile for the decode
-    steps' shapes, and the per-pair kernels are sdpa without pair boundaries anyway."""
+    steps' shapes (the per-pair kernel needs nothing: without pair boundaries it attends over
+    whole rows with the model's own mask)."""
     base = unwrap(model)
     current = attn_implementation(model)
     if current != FLEX:
