@@ -93,10 +93,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     # prints and writes. A single process gets a trivial state.
     from accelerate import PartialState
 
-    from qorpo.model import check_attn_implementation, device_of_process
+    from qorpo.model import device_of_process
 
-    device = device_of_process()
-    check_attn_implementation(cfg.attn_implementation, device)
+    device = device_of_process()  # (the kernel asked for was checked against it above)
     procs = PartialState(cpu=device.type == "cpu")  # (on CPU accelerate needs to be told)
     if not procs.is_main_process:
         console = Console(quiet=True)
@@ -200,7 +199,8 @@ def build(ready: Setup, console: Console) -> Built:
 def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
                   console: Console) -> tuple[str, bool]:
     """The layout and attention kernel this model really runs: (layout, fell_back)."""
-    from qorpo.attention.choice import FLEX, agree, choose, planned
+    from qorpo.attention.choice import FLEX, agree, choose
+    from qorpo.attention.plan import planned
     from qorpo.forward import supports_layout
 
     layout = cfg.layout

@@ -62,6 +62,39 @@ def replacing(target: Path, kind: str = "tmp") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)  # a no-op after the rename
 
 
+@contextmanager
+def replacing_folder(target: Path) -> Iterator[Path]:
+    """`replacing` for a folder: yields a new empty temp folder next to `target`; when the block
+    finishes, it is renamed onto `target` (an existing `target` is moved aside first, removed
+    after, put back if the rename fails); when it raises (Ctrl-C included), the temp folder is
+    removed and `target` is left as it was. Leftovers of dead processes are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    tmp = temp_dir(target)
+    try:
+        yield tmp
+        _swap_into_place(tmp, target)
+    except BaseException:  # Ctrl-C included: never leave a half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():  # a folder cannot be renamed onto a non-empty one: move it aside
+        old = temp_dir(target, "old")
+        os.replace(target, old / "x")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:  # put the previous folder back
+            os.replace(old / "x", target)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale(target: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
     """Remove temp folders/files for `target` left by processes of this host that are gone.
     Returns what was removed."""

@@ -75,8 +75,8 @@ def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, data
 
 
 def attention_cost(model: torch.nn.Module) -> float:
-    """qorpo.attention.cost.attention_cost of this (peft-wrapped) model."""
-    from qorpo.attention.cost import attention_cost as cost_of
+    """qorpo.attention.plan.attention_cost of this (peft-wrapped) model."""
+    from qorpo.attention.plan import attention_cost as cost_of
     from qorpo.model import unwrap
 
     return cost_of(unwrap(model).config)

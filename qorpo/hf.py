@@ -16,7 +16,9 @@ import torch
 # from the hub through `kernels` (a transformers dependency since 5.25); `kernels` refuses it
 # (unverified publisher) or it is offline, bitsandbytes falls back to its own kernel, and logs
 # "Failed to load … please pip install kernels" to every run's stderr. qorpo asks for no hub code.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Offline, `kernels` first logs that it skips that publisher check: the same noise.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 # Short names (CLI, configs, reports) -> torch dtypes and the names config.json uses.
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,

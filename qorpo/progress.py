@@ -109,8 +109,8 @@ def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
 def attention_line(cfg: TrainConfig, device: str) -> str:
     """The attention kernel this run plans (qorpo.attention.choice; it may still fall back)."""
     from qorpo.attention import FLEX, PAIR_ATTENTION
-    from qorpo.attention.choice import planned
     from qorpo.attention.cost import MIN_ROW_LENGTH
+    from qorpo.attention.plan import planned
     from qorpo.quant import fsdp_active
 
     kernel = planned(device, cfg.layout, cfg.attn_implementation)

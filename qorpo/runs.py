@@ -214,7 +214,10 @@ def _plan_overwrite(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> RunPl
     """--overwrite: the previous run's own files go; anything else in the folder stays."""
     written = set(state.get("written") or _LEGACY_WRITTEN)
     ours = [out / n for n in sorted(written) if (out / n).exists() or (out / n).is_symlink()]
-    ours += [c.path for c in checkpoints(out) if c.path.name not in written]
+    # checkpoints the run listed, or that carry qorpo's marker (runs from before the list held
+    # them); a checkpoint-N folder with neither is not the run's and stays
+    ours += [c.path for c in checkpoints(out) if c.path.name not in written
+             and (c.path / CHECKPOINT_MARKER).is_file()]
     for path in ours:
         _refuse_if_precious(cfg, path)
     kept = sorted(p.name for p in out.iterdir() if p not in ours and not is_lock_file(p.name))

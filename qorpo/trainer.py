@@ -282,6 +282,12 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or state.global_step >= state.max_steps:
             control.should_log = True
+        if control.should_save and state.is_world_process_zero:
+            from qorpo.runs import record_written
+
+            # listed before the Trainer writes it: --overwrite removes only checkpoint folders
+            # this run wrote, even one cut short by a kill (no marker yet)
+            record_written(Path(args.output_dir), [f"checkpoint-{state.global_step}"])
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -10,6 +10,7 @@ adapter size. Prints a table and, last, one JSON line.
 
     python scripts/bench_merge.py                 # ~600 MB fp32 model, < 2 min on 2 cores
     python scripts/bench_merge.py --size-mb 2000 --shard-mb 500
+    python scripts/bench_merge.py --moe           # Qwen3-MoE: r=16 on attention + experts
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 1024, 2816, 32000, 16, 4
+EXPERTS, MOE_INTER = 32, 512  # --moe: a Qwen3-MoE layer of 32 experts, 2 per token
 
 
 def _layer_params() -> int:
@@ -34,17 +37,27 @@ def _layer_params() -> int:
     return 2 * HIDDEN * HIDDEN + 2 * kv + 3 * HIDDEN * INTER + 2 * HIDDEN
 
 
-def generate(work: Path, size_mb: int, shard_mb: int, rank: int) -> None:
+def _moe_layer_params() -> int:
+    kv = HIDDEN * HIDDEN * KV_HEADS // HEADS
+    return 2 * HIDDEN * HIDDEN + 2 * kv + EXPERTS * (3 * HIDDEN * MOE_INTER + HIDDEN)
+
+
+def generate(work: Path, size_mb: int, shard_mb: int, rank: int, moe: bool = False) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     sys.path.insert(0, str(ROOT))
     from tests.tiny import make_tokenizer
 
     emb = 2 * VOCAB * HIDDEN
-    layers = max(1, round((size_mb * 1e6 / 4 - emb) / _layer_params()))
-    cfg = LlamaConfig(
+    per_layer = _moe_layer_params() if moe else _layer_params()
+    layers = max(1, round((size_mb * 1e6 / 4 - emb) / per_layer))
+    config_class = Qwen3MoeConfig if moe else LlamaConfig
+    sizes = dict(num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=MOE_INTER,
+                 head_dim=HIDDEN // HEADS) if moe else {}
+    cfg = config_class(
+        **sizes,
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=INTER,
@@ -60,11 +73,13 @@ def generate(work: Path, size_mb: int, shard_mb: int, rank: int) -> None:
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, 0.02)
     model.save_pretrained(str(work / "base"), max_shard_size=f"{shard_mb}MB")
     make_tokenizer(work / "base")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets: Any = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if moe:  # qorpo's default: peft turns it into target_parameters for the experts
+        targets = "all-linear"
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(work / "adapter"))
 
@@ -83,12 +98,13 @@ def peak_rss_kb() -> int:
 def child(role: str, work: Path, args: argparse.Namespace) -> None:
     """One measured run; prints {"peak_kb", "seconds"} as its last line."""
     if role == "generate":
-        generate(work, args.size_mb, args.shard_mb, args.rank)
+        generate(work, args.size_mb, args.shard_mb, args.rank, args.moe)
         return
     import bitsandbytes  # noqa: F401 - same imports as a merge, so the baseline is comparable
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     from qorpo.merging import merge
 
@@ -112,7 +128,7 @@ def run_child(role: str, work: Path, args: argparse.Namespace) -> dict[str, floa
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, __file__, "--child", role, "--workdir", str(work)]
     cmd += ["--size-mb", str(args.size_mb), "--shard-mb", str(args.shard_mb)]
-    cmd += ["--rank", str(args.rank)]
+    cmd += ["--rank", str(args.rank)] + (["--moe"] if args.moe else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{role} run failed:\n{out.stderr[-3000:]}")
@@ -124,6 +140,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=600, help="model size in fp32 (approximate)")
     ap.add_argument("--shard-mb", type=int, default=100, help="base checkpoint shard size")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (all linear layers)")
+    ap.add_argument("--moe", action="store_true", help="a Qwen3-MoE model (32 experts)")
     ap.add_argument("--runs", default="stream,stream-dequantized,full", help="comma list")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: tmp)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

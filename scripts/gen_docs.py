@@ -1,4 +1,4 @@
-"""Generate docs/options.md from TrainConfig (qorpo/config.py), so the reference cannot drift.
+"""Generate docs/options.md from TrainConfig, MergeOptions and EstimateConfig, so it cannot drift.
 
     python scripts/gen_docs.py           # rewrite docs/options.md
     python scripts/gen_docs.py --check   # exit 1 if docs/options.md differs from a fresh render
@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from qorpo.config import GROUPS, TrainConfig, field_table  # noqa: E402
+from qorpo.memory.options import EstimateConfig  # noqa: E402
+from qorpo.merging.options import MergeOptions  # noqa: E402
+from qorpo.options import field_table as options_table  # noqa: E402
 
 OUT = ROOT / "docs" / "options.md"
 
@@ -49,8 +52,25 @@ empty default (—) means "not set": see the help text for what happens then.
 
 Besides the options: `qorpo train [CONFIG]` takes an optional YAML file, and `--dry-run` loads the
 tokenizer and data, prints the detected format, the drop table, token lengths and the step count,
-and exits without loading any weights. `qorpo merge` has its own options: see
-[merge.md](merge.md). The user guide is [guide.md](guide.md).
+and exits without loading any weights. `qorpo merge` and `qorpo estimate` take their own
+options, generated the same way (from `MergeOptions` and `EstimateConfig`): see
+[their tables](#qorpo-merge) at the end. The user guide is [guide.md](guide.md).
+"""
+
+MERGE_HEADER = """
+# `qorpo merge`
+
+`qorpo merge ADAPTER_DIR --out DIR [options]`, or `qorpo.merging.merge(adapter_dir, out,
+**options)` (or a `MergeConfig`). `ADAPTER_DIR`: the training output folder, a `checkpoint-N`
+inside it, or its `adapter/`. `--out`/`-o`: the output folder (must not exist; see `--force`).
+What each choice means: [merge.md](merge.md).
+"""
+
+ESTIMATE_HEADER = """
+# `qorpo estimate`
+
+`qorpo estimate --model MODEL [options]`, or `qorpo.memory.plan.estimate_run(EstimateConfig(...))`:
+the memory a run needs, from the model's config.json alone. See [memory.md](memory.md).
 """
 
 
@@ -102,6 +122,23 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def command_tables(cls: type, header: str) -> str:
+    """One table per option group of a command's option dataclass (merge, estimate)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    rows = options_table(cls)
+    parts = [header]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        parts.append(f"\n## {group}\n\n| option | type | default | meaning |\n|---|---|---|---|\n")
+        for row in (r for r in rows if r["group"] == group):
+            f, tp = fields[row["name"]], hints[row["name"]]
+            cells = [flag_text(f, tp), type_text(f, tp),
+                     default_text(getattr(defaults, f.name)), row["help"]]
+            parts.append("| " + " | ".join(_cell(c) for c in cells) + " |\n")
+    return "".join(parts)
+
+
 def render() -> str:
     """The full text of docs/options.md."""
     hints = typing.get_type_hints(TrainConfig)
@@ -116,6 +153,8 @@ def render() -> str:
             cells = [flag_text(f, tp), type_text(f, tp),
                      default_text(getattr(defaults, f.name)), row["help"]]
             parts.append("| " + " | ".join(_cell(c) for c in cells) + " |\n")
+    parts += [command_tables(MergeOptions, MERGE_HEADER),
+              command_tables(EstimateConfig, ESTIMATE_HEADER)]
     return "".join(parts)
 
 

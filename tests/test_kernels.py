@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from qorpo.attention import FLEX, PAIR_ATTENTION
-from qorpo.attention.choice import choose, flex_available, for_generation, planned, train_step_runs
+from qorpo.attention.choice import choose, for_generation, train_step_runs
 from qorpo.attention.masks import attn_implementation
+from qorpo.attention.plan import flex_available, planned
 from qorpo.data.collate import build_batch
 from qorpo.errors import ModelError
 from qorpo.forward import evaluating, hidden_states

@@ -537,3 +537,47 @@ def test_cli_merge_command(tmp_path: Path) -> None:
     assert "already exists" in again.output and "Traceback" not in again.output
     bad = runner.invoke(app, [*args, "--force", "--into", "sideways"])
     assert bad.exit_code != 0
+
+
+# ----------------------------------------------------------------------------- MergeConfig
+
+
+def test_merge_config_lists_every_problem_at_once() -> None:
+    from qorpo.errors import ConfigError
+    from qorpo.merging import MergeConfig
+
+    with pytest.raises(ConfigError) as exc:
+        MergeConfig.from_dict({"adapter": "runs/x", "dtype": "fp8", "into": "sideways",
+                               "method": "fast", "gguf": "q4_0", "max_shard_size": "lots",
+                               "max_shard": "1GB"})
+    assert "did you mean max_shard_size" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        MergeConfig.from_dict({"adapter": "runs/x", "dtype": "fp8", "into": "sideways",
+                               "method": "fast", "gguf": "q4_0", "max_shard_size": "lots"})
+    named = sorted(p.split(":")[0] for p in exc.value.problems)
+    assert named == ["dtype", "gguf", "into", "max_shard_size", "method", "out"]
+
+
+def test_merge_takes_a_config_object_like_its_keywords(tmp_path: Path) -> None:
+    from qorpo.merging import MergeConfig
+
+    base = make_model(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = MergeConfig(adapter=str(adapter), out=str(tmp_path / "cfg"), dtype="fp32",
+                         verify=False, max_shard_size="100KB")
+    by_config = merge(config)
+    by_keywords = merge(adapter, tmp_path / "kw", dtype="fp32", verify=False,
+                        max_shard_size=100_000)
+    overridden = merge(config, out=tmp_path / "other", max_shard_size="5GB")
+    assert by_config.weight_files == by_keywords.weight_files and len(by_config.weight_files) > 1
+    assert overridden.out_dir == tmp_path / "other" and len(overridden.weight_files) == 1
+    for name in by_config.weight_files:
+        assert load_file(str(by_config.out_dir / name)).keys() == load_file(
+            str(by_keywords.out_dir / name)).keys()
+
+
+def test_gguf_choices_are_the_exporters() -> None:
+    from qorpo.export.hparams import OUT_TYPES
+    from qorpo.merging.options import GGUF_TYPES
+
+    assert tuple(OUT_TYPES) == GGUF_TYPES

@@ -69,6 +69,27 @@ def test_1_overwrite_removes_only_what_the_run_wrote(work):
     assert "notes.txt" not in written
 
 
+def test_1_overwrite_removes_only_checkpoint_folders_the_run_wrote(work):
+    """A checkpoint-N folder is the run's if the run listed it before writing it (so one cut
+    short by a kill, without its marker, still goes) or if it carries qorpo's marker; a
+    checkpoint-7 the user put there (another tool's) is kept."""
+    root, model, data = work
+    out = root / "ckpt-owner"
+    train(**quick(model, data, out, save_steps=1))
+    written = set(json.loads((out / RUN_FILE).read_text())["written"])
+    assert {"checkpoint-1", "checkpoint-2"} <= written  # listed before the Trainer wrote them
+    (out / "checkpoint-2" / CHECKPOINT_MARKER).unlink()  # as if killed while saving it
+    (out / "checkpoint-7").mkdir()
+    (out / "checkpoint-7" / "model.safetensors").write_bytes(b"someone else's")
+    result = cli(*train_flags(model, data, out, "--max-steps", "1", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "checkpoint-2").exists()  # the cut-short one went too
+    now = set(json.loads((out / RUN_FILE).read_text())["written"])
+    assert "checkpoint-2" not in now and "checkpoint-7" not in now  # (the new run saves step 1)
+    assert (out / "checkpoint-7" / "model.safetensors").read_bytes() == b"someone else's"
+    assert "checkpoint-7" in " ".join(result.output.split())  # named among what is kept
+
+
 def test_1_a_project_folder_with_a_config_is_not_a_run(work, monkeypatch):
     """The sweep's case: `output_dir: .` in a project folder that holds a qorpo_config.yaml
     (the user's), src/ and data/: --overwrite wiped them, then crashed."""

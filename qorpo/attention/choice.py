@@ -18,7 +18,8 @@ layout's, and falls back to `sdpa` with one line saying why if anything fails. A
 explicitly (`--attn-implementation flex_attention`) a failure is an error instead. The
 processes of a launch agree (`agree`): one that falls back takes the others along.
 
-`planned` is the same decision before any weight is loaded, for the memory estimate.
+`attention.plan.planned` is the same decision before any weight is loaded, for the memory
+estimate.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from qorpo.attention import FLEX, PAIR_ATTENTION
 from qorpo.attention.masks import attn_implementation
 from qorpo.attention.pairs import replaces, use_pair_attention
+from qorpo.attention.plan import planned
 from qorpo.data.collate import build_batch
 from qorpo.errors import ModelError
 from qorpo.forward import hidden_states, mixed_precision, probe_layout, probe_pairs
@@ -50,30 +52,6 @@ class KernelChoice(NamedTuple):
     name: str  # the attention implementation the model runs now
     note: str | None  # one line for the user (what was chosen, or why not), or None
     fell_back: bool = False  # the planned kernel could not be used here
-
-
-def flex_available() -> bool:
-    """torch and transformers both have FlexAttention (torch >= 2.5, not on TPU)."""
-    from transformers.utils import is_torch_flex_attn_available
-
-    return bool(is_torch_flex_attn_available())
-
-
-def planned(device: str, layout: str, requested: str | None) -> str | None:
-    """Before loading: the block-skipping kernel a run on `device` will use (PAIR_ATTENTION or
-    FLEX), or None when the model's own masked kernel runs. `requested`: --attn-implementation
-    (None: qorpo's choice). The run itself may still fall back (see `choose`)."""
-    if layout == "padded":
-        return None
-    if device == "cpu":  # the per-pair kernels are sdpa underneath
-        return PAIR_ATTENTION if requested in (None, "sdpa") else None
-    if requested == FLEX:
-        return FLEX
-    # Under FSDP the model reaches the GPU only when the Trainer wraps it, after `choose`
-    # would have to check the kernels: not preferred there (asked for, it is used unchecked).
-    if device == "cuda" and requested is None and flex_available() and not fsdp_active():
-        return FLEX
-    return None
 
 
 def choose(model: nn.Module, device: str, layout: str, requested: str | None) -> KernelChoice:

@@ -3,8 +3,6 @@ kernel is worth its Python loop. Plain Python (the collator and the memory plan 
 
 from __future__ import annotations
 
-from typing import Any
-
 from qorpo.attention import FLEX, PAIR_ATTENTION
 
 # Rows shorter than this take the one masked kernel: the wasted blocks of a short row cost less
@@ -33,12 +31,3 @@ def skips_masked_blocks(implementation: str | None) -> bool:
     """Whether this attention implementation skips the blocks a layout's mask rules out
     (pairs sharing a packed row then cost no attention for each other)."""
     return implementation in (PAIR_ATTENTION, FLEX)
-
-
-def attention_cost(config: Any) -> float:
-    """`cost_per_key` for a loaded model's config, 0 when its kernel skips masked blocks."""
-    from qorpo.hf import text_config
-
-    if skips_masked_blocks(getattr(config, "_attn_implementation", None)):
-        return 0.0  # pairs sharing a row never pay for each other
-    return cost_per_key(getattr(text_config(config), "hidden_size", None))

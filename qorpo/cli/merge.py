@@ -1,119 +1,43 @@
-"""`qorpo merge`: options (torch-free until the command runs) and the result table."""
+"""`qorpo merge`: one option per MergeOptions field, generated (flags, API and docs share it;
+torch-free until the command runs), and the result table."""
 
 from __future__ import annotations
 
-from enum import Enum
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from qorpo.cli.options import with_options
 from qorpo.cli.report import console, err_console, run_reporting_errors
+from qorpo.merging.options import MergeConfig, MergeOptions
 
 if TYPE_CHECKING:
     from qorpo.export import GGUFResult
     from qorpo.merging import MergeResult
 
-class DType(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(MergeConfig)}
 
 
-class Into(str, Enum):
-    original = "original"
-    dequantized = "dequantized"
-
-
-class Method(str, Enum):
-    stream = "stream"
-    full = "full"
-
-
-class GGUFType(str, Enum):
-    f16 = "f16"
-    bf16 = "bf16"
-    q8_0 = "q8_0"
-
-
+@with_options(MergeOptions)
 def merge_command(
-    adapter_dir: Annotated[
-        Path,
-        typer.Argument(help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the merged model.")],
-    base: Annotated[
-        str | None,
-        typer.Option(help="Base model folder or hub id (default: the adapter's base model)."),
-    ] = None,
-    dtype: Annotated[
-        DType, typer.Option(help="Output dtype; auto = the base config's dtype (else fp32).")
-    ] = DType.auto,
-    into: Annotated[
-        Into,
-        typer.Option(
-            help="original: add the delta to the base weights. dequantized: to the NF4 "
-            "round-tripped weights the 4-bit training actually saw."
-        ),
-    ] = Into.original,
-    method: Annotated[
-        Method,
-        typer.Option(help="stream: shard by shard, low RAM. full: load + peft merge_and_unload."),
-    ] = Method.stream,
-    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
-    gguf: Annotated[
-        GGUFType | None,
-        typer.Option(
-            help="Also write a GGUF for llama.cpp, Ollama and LM Studio (OUT/<OUT's name>-<type>"
-            ".gguf) and an Ollama Modelfile; Llama, Mistral, Qwen2 with byte-level BPE "
-            "tokenizers; verified with the merge.",
-            show_default=False,
-        ),
-    ] = None,
-    verify: Annotated[
-        bool | None,
-        typer.Option(
-            "--verify/--no-verify",
-            help="Compare logits of the merged model with base + adapter, and of the GGUF with "
-            "the merged model (default: each when it fits comfortably in RAM).",
-            show_default=False,
-        ),
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace an existing output folder, if an earlier qorpo merge wrote it (or it "
-            "is empty); any other folder is refused.",
-        ),
-    ] = False,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help="Allow .bin (pickle) weights (weights_only=True)."),
-    ] = False,
-    trust_remote_code: Annotated[
-        bool,
-        typer.Option(
-            "--trust-remote-code",
-            help="Run the base model's (or tokenizer's) own Python code (config auto_map); "
-            "without it such a base is refused and none of its code runs.",
-        ),
-    ] = False,
+    adapter_dir: Annotated[Path, typer.Argument(help=_HELP["adapter"])],
+    out: Annotated[Path, typer.Option("--out", "-o", help=_HELP["out"])],
+    **options: Any,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain transformers model."""
 
     def work() -> MergeResult:
         from qorpo.merging import merge
 
+        given = {k: v for k, v in options.items() if v is not None}
+        config = MergeConfig.from_dict({"adapter": str(adapter_dir), "out": str(out), **given},
+                                       source="options")
         try:
-            return merge(adapter_dir, out, base=base, dtype=dtype.value, into=into.value,
-                         method=method.value, max_shard_size=max_shard_size, verify=verify,
-                         force=force, allow_pickle=allow_pickle, progress=True,
-                         gguf=gguf.value if gguf is not None else None,
-                         trust_remote_code=trust_remote_code)
+            return merge(config, progress=True)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the staging folder is already gone
             err_console.print(f"[yellow]Interrupted: nothing was written to {escape(str(out))}."
                               "[/]")

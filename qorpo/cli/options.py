@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 import typer
+from rich.markup import escape
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +28,7 @@ def _option_for(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
         ",".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default)
     help_text = f.metadata["help"]
     if f.metadata.get("choices"):
-        help_text += f" [{'|'.join(f.metadata['choices'])}]"
+        help_text += escape(f" [{'|'.join(f.metadata['choices'])}]")  # not a rich style tag
     # None: "not given", so a YAML file's value or the dataclass default applies
     option = typer.Option(None, *decls, help=help_text, rich_help_panel=f.metadata["group"],
                           show_default=str(shown) if shown not in (None, "") else False)

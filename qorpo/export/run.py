@@ -86,7 +86,7 @@ def export_gguf(
     src = Path(model_dir)
     config = read_config(src)
     check_custom_code([src], trust_remote_code)
-    arch, permute = check_config(config, out_type)
+    family = check_config(config, out_type)
     out = Path(out_dir) if out_dir is not None else src
     name = name or src.resolve().name
     stem = f"{name}-{out_type}"
@@ -94,13 +94,13 @@ def export_gguf(
     for path in (final, modelfile):
         if path.exists() and not force:
             raise MergeError(f"{path} already exists; pass --force (force=True) to replace it")
-    plan = plan_tensors(src, config, arch, permute, OUT_TYPES[out_type][0])
+    plan = plan_tensors(src, config, family, OUT_TYPES[out_type][0])
     meta = tokenizer_meta(src, need(config, "vocab_size"), trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     report = None
     try:
         with replacing(final) as tmp:
-            write_gguf(tmp, config, arch, plan, meta, out_type, name, progress)
+            write_gguf(tmp, config, family, plan, meta, out_type, name, progress)
             if verify:
                 from qorpo.export.verify import verify_gguf
 
@@ -127,6 +127,6 @@ def export_gguf(
     add_to_marker(out, [final.name, modelfile.name])
     has_rope_freqs = rope_freqs(config) is not None  # the one tensor not from the checkpoint
     return GGUFResult(
-        final, modelfile, out_type, gguf.MODEL_ARCH_NAMES[arch], len(plan) + has_rope_freqs,
+        final, modelfile, out_type, gguf.MODEL_ARCH_NAMES[family.arch], len(plan) + has_rope_freqs,
         final.stat().st_size, time.perf_counter() - start, report,
     )

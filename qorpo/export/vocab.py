@@ -3,8 +3,12 @@
 llama.cpp re-implements the tokenizer from metadata: the vocabulary with a type per token,
 the BPE merges, the pre-tokenizer by *name* (``tokenizer.ggml.pre``: llama.cpp applies its own
 copy of that split regex), the special ids (bos / eos / unk / pad / end-of-turn), whether to add
-BOS / EOS, and the Jinja chat template. Only byte-level BPE tokenizers are exported (GPT-2,
-Llama 3, Qwen2, SmolLM style); SentencePiece ones are refused with a clear error.
+BOS / EOS, and the Jinja chat template. Two kinds are exported:
+
+* byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM style): ``tokenizer.ggml.model = "gpt2"``;
+* SentencePiece (Llama 2, Mistral v0.1-0.3, Gemma style): ``"llama"``, with a score and a type
+  per piece, read by the gguf package's own vocab classes: ``SentencePieceVocab`` from
+  tokenizer.model, else ``LlamaHfVocab`` from the tokenizer.json transformers converted it to.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ class TokenizerMeta(NamedTuple):
     tokens: list[str]
     types: list[int]
     merges: list[str]
-    pre: str
+    pre: str | None  # None for SentencePiece (llama.cpp applies no pre-tokenizer there)
     special: dict[str, int]  # bos / eos / unk / pad / eot -> id (absent when the model has none)
     add_bos: bool
     add_eos: bool
     chat_template: str | None
     stops: tuple[str, ...]  # end-of-turn / eos token texts, for the Modelfile
     sample: str | None  # one user turn "hi" + generation prompt as the template renders it
+    model: str = "gpt2"  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    scores: list[float] | None = None  # SentencePiece: one per token
+    add_space_prefix: bool | None = None  # SentencePiece: does the tokenizer prepend "▁"?
 
 
 def pre_tokenizer(tokenizer: dict[str, Any]) -> str:
@@ -69,26 +76,62 @@ def pre_tokenizer(tokenizer: dict[str, Any]) -> str:
     )
 
 
-def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> TokenizerMeta:
-    """Vocabulary (``n_vocab`` entries, placeholders for ids the tokenizer lacks), merges,
-    special ids, BOS/EOS policy and chat template of the tokenizer in ``src``."""
-    from transformers import AutoTokenizer
+def _is_sentencepiece(src: Path, data: dict[str, Any]) -> bool:
+    """A SentencePiece vocabulary: tokenizer.model, or its tokenizer.json conversion (BPE with
+    byte fallback and the "▁" word marker instead of byte-level pre-tokenization)."""
+    if "ByteLevel" in json.dumps(data.get("pre_tokenizer")):
+        return False  # byte-level BPE, whatever other files lie next to it
+    model = data["model"]
+    return (src / "tokenizer.model").is_file() or (
+        model["type"] == "BPE" and bool(model.get("byte_fallback"))
+    )
 
-    if not (src / "tokenizer.json").is_file():
-        kind = "a SentencePiece (tokenizer.model)" if (src / "tokenizer.model").is_file() else "no"
-        raise MergeError(f"GGUF export needs a byte-level BPE tokenizer.json; {src} has {kind} one")
-    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
-    # The tokenizer as transformers runs it (its class may replace tokenizer.json's pre-tokenizer,
-    # e.g. Qwen2Tokenizer), which is also what llama.cpp's converter fingerprints.
-    data = json.loads(tok.backend_tokenizer.to_str())
-    if data["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(data["pre_tokenizer"]):
+
+def _sentencepiece_vocab(src: Path) -> list[tuple[str, float, int]]:
+    """(piece, score, type) per id, by the gguf package's vocab classes (as llama.cpp converts)."""
+    if (src / "tokenizer.model").is_file():
+        try:
+            vocab: Any = gguf.vocab.SentencePieceVocab(src)
+        except ImportError:  # the sentencepiece package is optional: use tokenizer.json instead
+            vocab = None
+        if vocab is not None:
+            return [(t.decode(), s, int(k)) for t, s, k in vocab.all_tokens()]
+    try:
+        vocab = gguf.vocab.LlamaHfVocab(src)
+    except (FileNotFoundError, TypeError) as exc:
         raise MergeError(
-            f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM); {src} has "
-            f"a {data['model']['type']} one (SentencePiece-style tokenizers are not supported yet)"
-        )
-    pre = pre_tokenizer(data)
+            f"{src}: a SentencePiece-style tokenizer the GGUF export cannot read ({exc}); "
+            "keep its tokenizer.model next to it (and `pip install sentencepiece`)"
+        ) from None
+    pieces = [(t.decode(), s, int(k)) for t, s, k in vocab.all_tokens()]
+    return _merge_scores(pieces, json.loads((src / "tokenizer.json").read_text()))
+
+
+def _merge_scores(
+    pieces: list[tuple[str, float, int]], data: dict[str, Any]
+) -> list[tuple[str, float, int]]:
+    """LlamaHfVocab gives every piece the placeholder score -1000, but llama.cpp's SentencePiece
+    tokenizer merges the pair whose joined piece scores highest: so score each piece by the rank
+    of the BPE merge that makes it (-rank), which replays tokenizer.json's merge order. Pieces no
+    merge makes (characters, bytes, specials) are never a merge result: their score is unused."""
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(data["model"].get("merges", [])):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(a + b, i)
+    return [(t, float(-rank[t]) if t in rank else s, k) for t, s, k in pieces]
+
+
+def _vocab(
+    src: Path, data: dict[str, Any], n_vocab: int, spm: bool
+) -> tuple[list[str], list[int], list[float] | None]:
+    """Tokens, types (and SentencePiece scores) for ``n_vocab`` ids; ids the tokenizer lacks get
+    placeholders, as llama.cpp's converter writes them."""
     tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [gguf.TokenType.UNUSED] * n_vocab
-    entries = [(t, i, gguf.TokenType.NORMAL) for t, i in data["model"]["vocab"].items()]
+    scores = [-1000.0] * n_vocab if spm else None
+    pieces = _sentencepiece_vocab(src) if spm else []
+    entries: list[tuple[str, int, int]] = [(t, i, k) for i, (t, _, k) in enumerate(pieces)]
+    if not spm:
+        entries = [(t, i, gguf.TokenType.NORMAL) for t, i in data["model"]["vocab"].items()]
     for a in data.get("added_tokens", []):  # after the vocab: their type wins
         kind = gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED
         entries.append((a["content"], a["id"], kind))
@@ -96,6 +139,33 @@ def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> 
         if i >= n_vocab:
             raise MergeError(f"token {text!r} has id {i} >= the model's vocab_size {n_vocab}")
         tokens[i], types[i] = text, kind
+    if scores is not None:
+        for i, (_, score, _) in enumerate(pieces):
+            scores[i] = float(score)
+    return tokens, [int(t) for t in types], scores
+
+
+def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> TokenizerMeta:
+    """Vocabulary (``n_vocab`` entries, placeholders for ids the tokenizer lacks), merges or
+    scores, special ids, BOS/EOS policy and chat template of the tokenizer in ``src``."""
+    from transformers import AutoTokenizer
+
+    if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
+        raise MergeError(f"GGUF export needs a byte-level BPE tokenizer.json or a SentencePiece "
+                         f"tokenizer.model; {src} has neither")
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+    # The tokenizer as transformers runs it (its class may replace tokenizer.json's pre-tokenizer,
+    # e.g. Qwen2Tokenizer), which is also what llama.cpp's converter fingerprints.
+    data = json.loads(tok.backend_tokenizer.to_str())
+    spm = _is_sentencepiece(src, data)
+    if not spm and (data["model"]["type"] != "BPE"
+                    or "ByteLevel" not in json.dumps(data["pre_tokenizer"])):  # fmt: skip
+        raise MergeError(
+            f"GGUF export supports byte-level BPE (Llama 3, Qwen2, SmolLM) and SentencePiece "
+            f"(Llama 2, Mistral, Gemma) tokenizers; {src} has a {data['model']['type']} one"
+        )
+    pre = None if spm else pre_tokenizer(data)
+    tokens, types, scores = _vocab(src, data, n_vocab, spm)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     ids["eot"] = end_of_turn_id(tok)
     special = {k: int(v) for k, v in ids.items() if v is not None}
@@ -104,6 +174,7 @@ def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> 
     # Measured, not read from a flag: does the HF tokenizer add BOS / EOS to plain text?
     add_bos = ids["bos"] is not None and full[:1] == [ids["bos"]] and plain[:1] != full[:1]
     add_eos = ids["eos"] is not None and full[-1:] == [ids["eos"]] and plain[-1:] != full[-1:]
+    space = tok.convert_ids_to_tokens(plain)[0].startswith("\u2581") if spm and plain else None
     gen_path = src / "generation_config.json"
     gen_eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else None
     gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
@@ -115,19 +186,26 @@ def tokenizer_meta(src: Path, n_vocab: int, trust_remote_code: bool = False) -> 
             [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
         )
         sample = sample.removeprefix(tok.bos_token) if add_bos and tok.bos_token else sample
-    merges = gguf.SpecialVocab(src, load_merges=True, special_token_types=()).merges
+    merges = [] if spm else gguf.SpecialVocab(src, load_merges=True, special_token_types=()).merges
     return TokenizerMeta(
-        tokens, [int(t) for t in types], merges, pre, special, add_bos, add_eos, template,
+        tokens, types, merges, pre, special, add_bos, add_eos, template,
         tuple(dict.fromkeys(tokens[i] for i in stop_ids)), sample,
+        "llama" if spm else "gpt2", scores, space,
     )
 
 
 def add_tokenizer(w: gguf.GGUFWriter, meta: TokenizerMeta) -> None:
-    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    w.add_tokenizer_pre(meta.pre)
+    w.add_tokenizer_model(meta.model)  # llama.cpp's names: "gpt2" byte-level BPE, "llama" SPM
+    if meta.pre is not None:
+        w.add_tokenizer_pre(meta.pre)
     w.add_token_list(meta.tokens)
     w.add_token_types(meta.types)
-    w.add_token_merges(meta.merges)
+    if meta.scores is not None:
+        w.add_token_scores(meta.scores)
+    if meta.merges:
+        w.add_token_merges(meta.merges)
+    if meta.add_space_prefix is not None:
+        w.add_add_space_prefix(meta.add_space_prefix)
     for kind, token_id in meta.special.items():
         getattr(w, f"add_{kind}_token_id")(token_id)
     # Written explicitly: llama.cpp's default for BPE depends on the pre-tokenizer.

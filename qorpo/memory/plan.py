@@ -82,7 +82,7 @@ def workload(pairs: Sequence[Lengths], layout: str, *, sft_on_prompt: bool = Fal
     """The micro-batch these pairs make in `layout`: rows x length and scored tokens as
     qorpo.data.collate builds them (both ask qorpo.data.placement.place), packed rows as long
     as choose_capacity makes them for a model of width `hidden`. `kernel`:
-    qorpo.attention.choice.planned — a kernel that skips masked blocks lets pairs share a row
+    qorpo.attention.plan.planned — a kernel that skips masked blocks lets pairs share a row
     for free; FlexAttention needs no dense (R, 1, L, L) mask, every other kernel gets one
     unless nothing is padded."""
     from qorpo.attention import FLEX, PAIR_ATTENTION
@@ -314,7 +314,7 @@ class EstimateReport(NamedTuple):
 def estimate_run(config: EstimateConfig) -> EstimateReport:
     """`qorpo estimate` as a function: the memory a run of `config` needs, from the model's
     config.json alone (no data yet: pairs that fill max_length on both sides)."""
-    from qorpo.attention.choice import planned
+    from qorpo.attention.plan import planned
     from qorpo.sysmem import allocator
 
     cfg = config.validate()

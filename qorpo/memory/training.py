@@ -41,9 +41,9 @@ def train_estimate(cfg: TrainConfig, data: Any, device: str,
     """This run's memory estimate (qorpo.memory.plan): the model's config.json, the data's
     real token lengths, the layout; on a `--gpu-memory` card if given, else on this device.
     `runs_as`: the (layout, kernel) the loaded model really runs, where it fell back from the
-    planned ones (qorpo.attention.choice.planned). `runtime`: this CPU process's (resident,
+    planned ones (qorpo.attention.plan.planned). `runtime`: this CPU process's (resident,
     peak) bytes before the model loads (qorpo.sysmem.runtime_resident)."""
-    from qorpo.attention.choice import planned  # imports torch: only where a run needs it
+    from qorpo.attention.plan import planned  # imports torch: only where a run needs it
 
     if cfg.gpu_memory is not None:
         device, capacity = "cuda", gpu_capacity(cfg.gpu_memory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ _UNSUPPORTED_FLAGS = (
     "use_qalora",
     "use_bdlora",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "megatron_config",
@@ -63,9 +63,11 @@ class LoraModule:
     embedding: bool = False
     fan_in_fan_out: bool = False
     bias: torch.Tensor | None = None  # lora_B.bias, trained with lora_bias=True
+    key: str | None = None  # the checkpoint key it adds to, when known (MoE expert pieces)
+    origin: str | None = None  # the adapter module it is a piece of (a peft ParamWrapper)
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
+    def weight_shape(self) -> tuple[int, ...]:
         out, inp = self.lora_b.shape[0], self.lora_a.shape[1]
         return (inp, out) if (self.embedding or self.fan_in_fan_out) else (out, inp)
 
@@ -115,6 +117,14 @@ class Adapter:
     # replacements saved as "x.base_layer.weight": peft loads them into the base layer itself,
     # i.e. into the parameter a tied pair shares (modules_to_save copies are the module's own)
     shared: set[str] = field(default_factory=set)
+    # LoRA pairs of peft ParamWrappers (target_parameters: MoE experts), by key prefix; the
+    # merge turns them into modules with the base model at hand (qorpo.merging.experts)
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> int:
+        """Adapter modules (a ParamWrapper split into per-expert pieces counts once)."""
+        return len({lora.origin or name for name, lora in self.loras.items()})
 
 
 def locate_adapter(path: Path) -> Path:
@@ -179,8 +189,11 @@ _LORA_SUFFIXES = {
 }
 
 
-def read_adapter(adapter_dir: Path, *, allow_pickle: bool = False) -> Adapter:
-    """Parse an adapter folder for the streaming merge, refusing what it cannot merge exactly."""
+def read_adapter(
+    adapter_dir: Path, *, allow_pickle: bool = False, params: Collection[str] = ()
+) -> Adapter:
+    """Parse an adapter folder for the streaming merge, refusing what it cannot merge exactly.
+    ``params``: key prefixes of peft ParamWrappers, kept apart as raw pairs in ``.params``."""
     config = read_adapter_config(adapter_dir)
     check_streamable(config)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -202,8 +215,11 @@ def read_adapter(adapter_dir: Path, *, allow_pickle: bool = False) -> Adapter:
                 key = key.replace(".base_layer.", ".")
                 shared.add(key)
             replacements[key.replace(".modules_to_save.", ".")] = value
+    # ParamWrapper keys carry no parameter name ("experts.lora_A.weight", nested wrappers
+    # "experts.base_layer.lora_A.weight"): which is which, peft says (qorpo.merging.experts)
+    taken = {n: parts.pop(n) for n in params if n in parts}
     loras = {name: _lora_module(config, name, p) for name, p in parts.items()}
-    return Adapter(adapter_dir, config, loras, replacements, shared)
+    return Adapter(adapter_dir, config, loras, replacements, shared, taken)
 
 
 def _lora_module(config: dict[str, Any], name: str, p: dict[str, torch.Tensor]) -> LoraModule:

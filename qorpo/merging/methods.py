@@ -15,10 +15,18 @@ from typing import Any, NamedTuple
 import torch
 
 from qorpo.errors import MergeError
-from qorpo.merging.adapter import PREFIX, adapter_keys, read_adapter
+from qorpo.hf import text_config
+from qorpo.merging.adapter import (
+    PREFIX,
+    Adapter,
+    adapter_keys,
+    read_adapter,
+    read_adapter_config,
+)
 from qorpo.merging.checkpoint import ST_NAMES, BaseCheckpoint, load_tensors, nbytes
+from qorpo.merging.options import parse_size
 from qorpo.merging.plan import ModelInfo, Plan, build_plan, materialize
-from qorpo.merging.shards import ShardWriter, parse_size, plan_shards
+from qorpo.merging.shards import ShardWriter, plan_shards
 from qorpo.quant import nf4_round_trip
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -82,7 +90,7 @@ def prepare(
     The streaming plan is built, and fails, before the disk is touched."""
     dequantize = into == "dequantized"
     if method == "stream":
-        parsed = read_adapter(adapter, allow_pickle=allow_pickle)
+        parsed = _read_with_experts(adapter, ckpt, allow_pickle, trust_remote_code)
         plan = build_plan(
             parsed, ckpt, info, out_dtype, dequantize=dequantize, compute_dtype=compute_dtype
         )
@@ -109,6 +117,21 @@ def prepare(
         trust_remote_code=trust_remote_code,
     )
     return write, need
+
+
+def _read_with_experts(
+    adapter: Path, ckpt: BaseCheckpoint, allow_pickle: bool, trust_remote_code: bool
+) -> Adapter:
+    """The parsed adapter; a MoE adapter's expert parameters (peft ``target_parameters``)
+    become per-checkpoint-tensor LoRA modules (qorpo.merging.experts)."""
+    if not read_adapter_config(adapter).get("target_parameters"):
+        return read_adapter(adapter, allow_pickle=allow_pickle)
+    from qorpo.merging.experts import expert_loras, wrappers
+
+    found, convert = wrappers(ckpt.path, adapter, trust_remote_code=trust_remote_code)
+    parsed = read_adapter(adapter, allow_pickle=allow_pickle, params=[w.prefix for w in found])
+    parsed.loras |= expert_loras(found, convert, parsed.params, ckpt.meta)
+    return parsed
 
 
 def _release_freed_memory() -> None:
@@ -169,6 +192,8 @@ def full_merge(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qorpo.merging.experts import pattern_noise_hidden
+
     model = AutoModelForCausalLM.from_pretrained(
         str(base.path),
         dtype=torch.float32,
@@ -182,7 +207,8 @@ def full_merge(
                 param.copy_(nf4_round_trip(param, transpose=is_conv, dtype=compute_dtype))
     untied = _untie_for_peft(model, adapter_dir, info)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with pattern_noise_hidden():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except RuntimeError as exc:  # peft's "size mismatch for …" (dozens of lines): say it once
         m = _SIZE_MISMATCH.search(str(exc))
         if m is None:
@@ -238,6 +264,6 @@ def _untie_for_peft(model: Any, adapter_dir: Path, info: ModelInfo) -> list[str]
 
 def _set_tie_flag(config: Any, value: bool) -> None:
     config.tie_word_embeddings = value
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is not None and text is not config:
+    text = text_config(config)
+    if text is not config:
         text.tie_word_embeddings = value

@@ -139,7 +139,7 @@ def build_plan(
             if key in items and items[key].replacement is None:
                 items[key].nf4, items[key].transposed = True, is_conv
     untied = _settle_ties(items, tied, base, compute_dtype)
-    return Plan(_ordered(items, base), untied, len(adapter.loras), len(adapter.replacements))
+    return Plan(_ordered(items, base), untied, adapter.modules, len(adapter.replacements))
 
 
 def _item_for(items: dict[str, Item], tied: dict[str, str], key: str) -> Item:
@@ -158,7 +158,7 @@ def _add_lora(
     name: str,
     lora: LoraModule,
 ) -> None:
-    key = _find_key(name, "weight", keys)
+    key = lora.key if lora.key in keys else _find_key(name, "weight", keys)
     if key is None:
         raise MergeError(
             f"adapter module {name!r} matches no weight in the base checkpoint {base.path}; "

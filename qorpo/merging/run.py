@@ -39,6 +39,7 @@ from qorpo.merging.checkpoint import (
 )
 from qorpo.merging.identity import check_architecture
 from qorpo.merging.methods import Merged, prepare
+from qorpo.merging.options import MergeConfig
 from qorpo.merging.output import tokenizer_source, write_model_files
 from qorpo.merging.plan import ModelInfo, model_info
 from qorpo.merging.remote import check_custom_code, copy_code
@@ -95,157 +96,194 @@ def resolve_dtype(dtype: str, base_config: dict[str, Any]) -> tuple[str, str | N
 
 
 def merge(
-    adapter_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    adapter_dir: MergeConfig | str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
     *,
-    base: str | os.PathLike[str] | None = None,
-    dtype: str = "auto",
-    into: str = "original",
-    method: str = "stream",
-    max_shard_size: str | int = "5GB",
-    verify: bool | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
     progress: bool = False,
     compute_dtype: torch.dtype = torch.float32,
-    gguf: str | None = None,
-    trust_remote_code: bool = False,
+    **options: Any,
 ) -> MergeResult:
     """Merge the LoRA adapter in ``adapter_dir`` into its base model and save it to ``out``.
 
-    ``base`` defaults to the adapter's ``base_model_name_or_path``. ``into="dequantized"`` first
-    passes every 4-bit-quantised weight through the NF4 round trip training saw (in
-    ``compute_dtype``). ``verify=None`` verifies when the model comfortably fits in RAM.
-    ``gguf`` ("f16" | "bf16" | "q8_0"): also write ``out/<out name>-<gguf>.gguf`` and an Ollama
-    Modelfile, checked against the merged model under the same ``verify`` switch.
-    ``trust_remote_code``: allow a base (or tokenizer) whose ``auto_map`` needs its own Python
-    code; without it such a base is refused and no code of it runs.
-    ``force`` replaces only an empty folder or an earlier merge's output.
-    Raises :class:`MergeError` (nothing written) or :class:`MergeVerificationError`.
+    ``adapter_dir`` may be a :class:`MergeConfig` instead (keywords override its fields); the
+    keywords are MergeConfig's fields (docs/merge.md): ``base`` defaults to the adapter's
+    ``base_model_name_or_path``; ``into="dequantized"`` first passes every 4-bit-quantised
+    weight through the NF4 round trip training saw (in ``compute_dtype``); ``verify=None``
+    verifies when the model comfortably fits in RAM; ``gguf`` ("f16" | "bf16" | "q8_0") also
+    writes ``out/<out name>-<gguf>.gguf`` and an Ollama Modelfile, checked under the same
+    ``verify`` switch; ``trust_remote_code`` allows a base whose ``auto_map`` needs its own
+    code; ``force`` replaces only an empty folder or an earlier merge's output.
+    Raises :class:`ConfigError` (bad options), :class:`MergeError` (nothing written) or
+    :class:`MergeVerificationError`.
     """
     start = time.perf_counter()
-    if into not in ("original", "dequantized") or method not in ("stream", "full"):
-        raise MergeError(
-            f"into must be original|dequantized and method stream|full, got {into!r}, {method!r}"
-        )
-    adapter = locate_adapter(Path(adapter_dir).expanduser().resolve())
-    out_dir = Path(out).expanduser().absolute()
-    check_out_dir(out_dir, force, [adapter])  # a bad --out fails before the base is looked up
-    base_ref, base_dir, base_config = _locate_base(adapter, base, allow_pickle, trust_remote_code)
-    replaced = check_out_dir(out_dir, force, [adapter, base_dir])
-    tok_dir = tokenizer_source(adapter, base_dir)
-    notes = check_custom_code([base_dir, tok_dir], trust_remote_code)
-    if gguf is not None:  # what the export would refuse, refused before the merge
-        from qorpo.export.run import preflight
-
-        preflight(base_config, tok_dir, gguf, trust_remote_code=trust_remote_code)
-    ckpt = open_base(base_dir, allow_pickle=allow_pickle)
-    n_params = sum(numel(shape) for _, shape in ckpt.meta.values())
-    dtype_name, dtype_note = resolve_dtype(dtype, base_config)
-    info, info_note = _model_info_or_none(
-        base_dir, needed=into == "dequantized", trust_remote_code=trust_remote_code
+    cfg = MergeConfig.of(adapter_dir, out, **options)
+    inputs = _inputs(cfg)
+    prepared = _prepare(cfg, inputs, progress=progress, compute_dtype=compute_dtype)
+    settings = {"method": cfg.method, "into": cfg.into, "dtype": prepared.dtype,
+                "adapter": str(inputs.adapter), "max_shard_size": cfg.max_shard_size}
+    step = partial(_write_all, cfg=cfg, inputs=inputs, prepared=prepared, settings=settings,
+                   progress=progress)
+    out_dir = inputs.out_dir
+    written = _staged(step, out_dir, prepared.need)
+    report, merged = written.report, written.merged
+    summary = summarize(report, cfg.into, trained_quant(inputs.adapter)) if report else None
+    return MergeResult(
+        out_dir=out_dir,
+        base=inputs.base_dir,
+        adapter_dir=inputs.adapter,
+        method=cfg.method,
+        into=cfg.into,
+        dtype=prepared.dtype,
+        weight_files=tuple(merged.files),
+        total_bytes=sum((out_dir / f).stat().st_size for f in merged.files),
+        merged_modules=merged.merged_modules,
+        replaced_tensors=merged.replaced_tensors,
+        untied=tuple(merged.untied),
+        tokenizer_source=written.tokenizer_source,
+        verification=report,
+        notes=inputs.notes + prepared.notes + written.notes + tuple(summary.notes if summary
+                                                                   else ()),
+        seconds=time.perf_counter() - start,
+        gguf=written.gguf.moved_to(out_dir) if written.gguf is not None else None,
+        warnings=tuple(summary.warnings if summary else ()),
     )
-    write, need = prepare(
-        adapter, ckpt, info, DTYPES[dtype_name], into=into, method=method,
-        max_shard_size=max_shard_size, allow_pickle=allow_pickle, compute_dtype=compute_dtype,
-        progress=progress, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-    if gguf is not None:
-        from qorpo.export.gguf import file_bytes
 
-        need += file_bytes(n_params, gguf)
-    check_disk(out_dir.parent, need)
-    notes += [n for n in (dtype_note, info_note, replaced) if n]
-    settings = {"method": method, "into": into, "dtype": dtype_name, "adapter": str(adapter)}
-    settings |= {"max_shard_size": max_shard_size}
-    step = partial(
-        _write_all, write=write, tied=info.tied, out_dir=out_dir, adapter=adapter,
-        base_dir=base_dir, base_ref=base_ref, ckpt=ckpt, n_params=n_params, settings=settings,
-        verify=verify, gguf=gguf, notes=notes, progress=progress,
-        trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+
+def _staged(step: Callable[[Path], _Written], out_dir: Path, need: int) -> _Written:
+    """``step`` into a staging folder renamed onto ``out_dir`` when it succeeds; a full disk
+    is one sentence naming ``out_dir`` and the space needed."""
     try:
         with staging(out_dir) as tmp:
-            merged, tok_src, report, exported = step(tmp)
+            return step(tmp)
     except WriteError as exc:  # the GGUF's, named after the staging folder: say it for out
         raise write_error(exc.os_error, out_dir, need) from None
     except OSError as exc:  # the staging folder is gone already; an earlier output untouched
         if exc.errno not in WRITE_ERRNOS:
             raise
         raise write_error(exc, out_dir, need) from None
-    summary = summarize(report, into, trained_quant(adapter)) if report else None
-    return MergeResult(
-        out_dir=out_dir,
-        base=base_dir,
-        adapter_dir=adapter,
-        method=method,
-        into=into,
-        dtype=dtype_name,
-        weight_files=tuple(merged.files),
-        total_bytes=sum((out_dir / f).stat().st_size for f in merged.files),
-        merged_modules=merged.merged_modules,
-        replaced_tensors=merged.replaced_tensors,
-        untied=tuple(merged.untied),
-        tokenizer_source=tok_src,
-        verification=report,
-        notes=tuple(notes + (summary.notes if summary else [])),
-        seconds=time.perf_counter() - start,
-        gguf=exported.moved_to(out_dir) if exported is not None else None,
-        warnings=tuple(summary.warnings if summary else ()),
+
+
+class _Inputs(NamedTuple):
+    """The merge's inputs, found and checked before anything is read in bulk."""
+
+    adapter: Path
+    out_dir: Path
+    base_ref: str  # as the user or the adapter named it
+    base_dir: Path
+    base_config: dict[str, Any]
+    tokenizer_dir: Path
+    replaced: str | None  # the note that an earlier merge in out_dir will be replaced
+    notes: tuple[str, ...]
+
+
+def _inputs(cfg: MergeConfig) -> _Inputs:
+    """Adapter, output folder, base and tokenizer: located and checked, cheapest first."""
+    adapter = locate_adapter(Path(str(cfg.adapter)).expanduser().resolve())
+    out_dir = Path(str(cfg.out)).expanduser().absolute()
+    check_out_dir(out_dir, cfg.force, [adapter])  # a bad --out fails before the base is looked up
+    base_ref, base_dir, base_config = _locate_base(
+        adapter, cfg.base, cfg.allow_pickle, cfg.trust_remote_code
     )
+    replaced = check_out_dir(out_dir, cfg.force, [adapter, base_dir])
+    tok_dir = tokenizer_source(adapter, base_dir)
+    notes = check_custom_code([base_dir, tok_dir], cfg.trust_remote_code)
+    if cfg.gguf is not None:  # what the export would refuse, refused before the merge
+        from qorpo.export.run import preflight
+
+        preflight(base_config, tok_dir, cfg.gguf, trust_remote_code=cfg.trust_remote_code)
+    return _Inputs(adapter, out_dir, base_ref, base_dir, base_config, tok_dir, replaced,
+                   tuple(notes))
+
+
+class _Prepared(NamedTuple):
+    """The merge method, ready to write, and what it needs."""
+
+    ckpt: BaseCheckpoint
+    n_params: int
+    dtype: str  # the output dtype's short name
+    tied: dict[str, str]  # tied weight -> the weight it shares
+    write: Callable[[Path], Merged]
+    need: int  # bytes the output takes on disk
+    notes: tuple[str, ...]
+
+
+def _prepare(
+    cfg: MergeConfig, inputs: _Inputs, *, progress: bool, compute_dtype: torch.dtype
+) -> _Prepared:
+    """Open the base, plan the method (a streaming plan fails here, before any write) and check
+    the disk has room."""
+    ckpt = open_base(inputs.base_dir, allow_pickle=cfg.allow_pickle)
+    n_params = sum(numel(shape) for _, shape in ckpt.meta.values())
+    dtype_name, dtype_note = resolve_dtype(cfg.dtype, inputs.base_config)
+    info, info_note = _model_info_or_none(
+        inputs.base_dir, needed=cfg.into == "dequantized", trust_remote_code=cfg.trust_remote_code
+    )
+    write, need = prepare(
+        inputs.adapter, ckpt, info, DTYPES[dtype_name], into=cfg.into, method=cfg.method,
+        max_shard_size=cfg.max_shard_size, allow_pickle=cfg.allow_pickle,
+        compute_dtype=compute_dtype, progress=progress, trust_remote_code=cfg.trust_remote_code,
+    )  # fmt: skip
+    if cfg.gguf is not None:
+        from qorpo.export.gguf import file_bytes
+
+        need += file_bytes(n_params, cfg.gguf)
+    check_disk(inputs.out_dir.parent, need)
+    notes = tuple(n for n in (dtype_note, info_note, inputs.replaced) if n)
+    return _Prepared(ckpt, n_params, dtype_name, info.tied, write, need, notes)
+
+
+class _Written(NamedTuple):
+    """What went into the staging folder."""
+
+    merged: Merged
+    tokenizer_source: Path
+    report: VerifyReport | None
+    gguf: GGUFResult | None
+    notes: tuple[str, ...]
 
 
 def _write_all(
     tmp: Path,
     *,
-    write: Callable[[Path], Merged],
-    tied: dict[str, str],
-    out_dir: Path,
-    adapter: Path,
-    base_dir: Path,
-    base_ref: str,
-    ckpt: BaseCheckpoint,
-    n_params: int,
+    cfg: MergeConfig,
+    inputs: _Inputs,
+    prepared: _Prepared,
     settings: dict[str, Any],
-    verify: bool | None,
-    gguf: str | None,
-    notes: list[str],
     progress: bool,
-    trust_remote_code: bool,
-) -> tuple[Merged, Path, VerifyReport | None, GGUFResult | None]:
+) -> _Written:
     """Everything into the staging folder: weights, model files, check, GGUF, marker (last)."""
-    merged = write(tmp)
-    notes += [f"untied {k} from {tied[k]}: the adapter changes it" for k in merged.untied]
+    merged = prepared.write(tmp)
+    notes = [f"untied {k} from {prepared.tied[k]}: the adapter changes it" for k in merged.untied]
     settings["untied"] = ", ".join(merged.untied) or "-"
-    if gguf is not None:
-        settings["gguf"] = f"{out_dir.name}-{gguf}.gguf"
-    if trust_remote_code:
-        copied = copy_code([base_dir], tmp)
+    if cfg.gguf is not None:
+        settings["gguf"] = f"{inputs.out_dir.name}-{cfg.gguf}.gguf"
+    if cfg.trust_remote_code:
+        copied = copy_code([inputs.base_dir], tmp)
         notes += [f"copied the base's custom code: {', '.join(copied)}"] if copied else []
     tok_src, tok_notes = write_model_files(
         tmp,
-        title=out_dir.name,
-        adapter=adapter,
-        base_dir=base_dir,
-        base_ref=base_ref,
-        dtype=settings["dtype"],
+        title=inputs.out_dir.name,
+        adapter=inputs.adapter,
+        base_dir=inputs.base_dir,
+        base_ref=inputs.base_ref,
+        dtype=prepared.dtype,
         untied=bool(merged.untied),
         settings=settings,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=cfg.trust_remote_code,
     )
     notes += tok_notes
-    report = _maybe_verify(
-        tmp, adapter, ckpt, n_params, settings["into"], settings["dtype"], verify, notes,
-        trust_remote_code,
-    )  # fmt: skip
+    checked = _maybe_verify(tmp, cfg, inputs.adapter, prepared.ckpt, prepared.n_params,
+                            prepared.dtype)
+    notes += checked.notes
     exported = None
-    if gguf is not None:
-        exported = _export_gguf(
-            tmp, out_dir.name, gguf, n_params, verify, notes, progress, trust_remote_code
-        )
-    write_marker(tmp, {"qorpo_version": __version__, "adapter": str(adapter),
-                       "base": str(base_dir), **settings})
-    return merged, tok_src, report, exported
+    if cfg.gguf is not None:
+        exported = _export_gguf(tmp, inputs.out_dir.name, cfg, prepared.n_params, progress)
+        notes += exported.notes
+    write_marker(tmp, {"qorpo_version": __version__, "adapter": str(inputs.adapter),
+                       "base": str(inputs.base_dir), **settings})
+    gguf = exported.result if exported is not None else None
+    return _Written(merged, tok_src, checked.report, gguf, tuple(notes))
 
 
 def _locate_base(
@@ -292,61 +330,56 @@ def _model_info_or_none(
         return ModelInfo(), f"architecture not instantiable ({exc}); tied weights not checked"
 
 
+class _Checked(NamedTuple):
+    report: VerifyReport | None  # None: not verified (switched off, or too large for RAM)
+    notes: tuple[str, ...]
+
+
 def _maybe_verify(
-    tmp: Path,
-    adapter: Path,
-    ckpt: BaseCheckpoint,
-    n_params: int,
-    into: str,
-    dtype: str,
-    verify: bool | None,
-    notes: list[str],
-    trust_remote_code: bool,
-) -> VerifyReport | None:
+    tmp: Path, cfg: MergeConfig, adapter: Path, ckpt: BaseCheckpoint, n_params: int, dtype: str
+) -> _Checked:
     from qorpo.merging.verify import verification_budget, verify_merged
 
-    if verify is False:
-        return None
+    if cfg.verify is False:
+        return _Checked(None, ())
     ok, why = verification_budget(n_params)
-    if verify is None and not ok:
-        notes.append(f"verification skipped: {why}; pass --verify to force it")
-        return None
+    if cfg.verify is None and not ok:
+        return _Checked(None, (f"verification skipped: {why}; pass --verify to force it",))
     report = verify_merged(
         tmp,
         adapter,
         ckpt.path,
-        into=into,
+        into=cfg.into,
         dtype=dtype,
         use_safetensors=not ckpt.pickle,
         other=None if ok else False,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if not report.passed:
         raise MergeVerificationError(
             f"merged model disagrees with base + adapter: {report.summary()}", report
         )
-    return report
+    return _Checked(report, ())
+
+
+class _Exported(NamedTuple):
+    result: GGUFResult
+    notes: tuple[str, ...]
 
 
 def _export_gguf(
-    tmp: Path,
-    name: str,
-    out_type: str,
-    n_params: int,
-    verify: bool | None,
-    notes: list[str],
-    progress: bool,
-    trust_remote_code: bool,
-) -> GGUFResult:
+    tmp: Path, name: str, cfg: MergeConfig, n_params: int, progress: bool
+) -> _Exported:
     """The GGUF into the staging folder; verified under the merge's switch and memory rule."""
     from qorpo.export.run import export_gguf
     from qorpo.export.verify import FP32_COPIES
     from qorpo.merging.verify import verification_budget
 
-    check = verify is True
-    if verify is None:
+    check, notes = cfg.verify is True, ()
+    if cfg.verify is None:
         check, why = verification_budget(n_params, copies=FP32_COPIES)
         if not check:
-            notes.append(f"GGUF verification skipped: {why}; pass --verify to force it")
-    return export_gguf(tmp, tmp, out_type=out_type, name=name, verify=check, progress=progress,
-                       trust_remote_code=trust_remote_code)
+            notes = (f"GGUF verification skipped: {why}; pass --verify to force it",)
+    result = export_gguf(tmp, tmp, out_type=str(cfg.gguf), name=name, verify=check,
+                         progress=progress, trust_remote_code=cfg.trust_remote_code)
+    return _Exported(result, notes)

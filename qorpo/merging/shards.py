@@ -6,36 +6,24 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import struct
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qorpo.atomic import remove_stale, replacing, temp_dir
+from qorpo.atomic import replacing, replacing_folder
 from qorpo.errors import MergeError
 from qorpo.merging.checkpoint import ST_NAMES, nbytes
 
+# a temp folder next to the output, renamed onto it only when everything succeeded (a crash,
+# Ctrl-C or SIGTERM removes it; leftovers of a killed merge to the same output go first)
+staging = replacing_folder
+
 if TYPE_CHECKING:
     from qorpo.merging.plan import Item
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '200KB' / bytes -> bytes (decimal units, like transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
-    if not m:
-        raise MergeError(f"cannot parse size {size!r}: use e.g. 5GB, 500MB or a number of bytes")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0]) if unit != "B" else 0
-    return int(float(m.group(1)) * base**power)
 
 
 def plan_shards(items: list[Item], max_bytes: int) -> list[list[Item]]:
@@ -263,36 +251,3 @@ def write_error(exc: OSError, out: Path, need: int, what: str = "the merged mode
         )
     return WriteError(f"cannot write {what} to {out}: {exc.strerror or exc}; nothing was "
                       "written; choose another --out", exc)
-
-
-@contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A temp folder next to ``out``, renamed onto it only when everything succeeded.
-
-    Leftovers of a killed merge to the same ``out`` (no cleanup code runs on SIGKILL) are
-    removed first; a crash, Ctrl-C or SIGTERM in this one removes its own temp folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = temp_dir(out)
-    try:
-        yield tmp
-        _swap_into_place(tmp, out)
-    except BaseException:  # Ctrl-C included: never leave a half-written model behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():  # --force: move the old one aside so the swap is a rename
-        old = temp_dir(out, "old")
-        os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:  # put the previous model back
-            os.replace(old / "x", out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

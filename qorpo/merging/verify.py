@@ -132,6 +132,8 @@ def load_reference(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from qorpo.merging.experts import pattern_noise_hidden
+
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": use_safetensors,
                               "trust_remote_code": trust_remote_code}
     if four_bit:
@@ -140,7 +142,8 @@ def load_reference(
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     # compute like training did: dequantise + fp32 matmul, not bnb's bf16 CPU inference kernel
     keep_4bit_differentiable(base)
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    with pattern_noise_hidden():
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def _reference_logits(
