@@ -19,7 +19,14 @@ from qorpo.errors import ConfigError
 from qorpo.fitting import build_trainer, run_trainer
 from qorpo.memory.plan import peak_measured
 from qorpo.memory.training import context_notes, train_estimate
-from qorpo.progress import estimate_table, start_table, summary_table
+from qorpo.progress import (
+    dry_run_line,
+    estimate_table,
+    parity_line,
+    print_note,
+    start_table,
+    summary_table,
+)
 from qorpo.sysmem import pin_malloc_thresholds, runtime_resident
 
 # The demo (no --model and no --data): sized to finish in a few minutes on a 2-core CPU.
@@ -55,6 +62,20 @@ def is_demo(cfg: TrainConfig) -> bool:
     return cfg.model is None and cfg.data is None
 
 
+def for_this_run(cfg: TrainConfig, console: Console) -> TrainConfig:
+    """The config this run uses: ~ expanded in --model, or the offline demo's model, data and
+    sizes when neither --model nor --data is given."""
+    if is_demo(cfg):
+        console.print("[bold]No --model/--data given: running the offline demo "
+                      "(SmolLM2-135M-Instruct on qorpo's demo preference set).[/]")
+        return apply_demo_defaults(cfg, console)
+    if cfg.model is None or cfg.data is None:
+        raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
+    if Path(cfg.model).expanduser().exists():
+        return dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser()))
+    return cfg
+
+
 def apply_demo_defaults(cfg: TrainConfig, console: Console) -> TrainConfig:
     """Fill in the offline demo model and data (and demo sizes where left at defaults)."""
     from qorpo.demo import demo_data_files, ensure_demo_model
@@ -72,18 +93,11 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     """Train a LoRA adapter with ORPO. `config`: a TrainConfig, a dict, a YAML path or None;
     keyword overrides win. Returns where everything went and the final metrics."""
     console = console or Console()
-    cfg = resolve_config(config, **overrides)
-    if cfg.low_cpu_memory:
+    asked = resolve_config(config, **overrides)
+    if asked.low_cpu_memory:
         pin_malloc_thresholds()  # before anything large is allocated (see qorpo.sysmem)
-    if cfg.model and Path(cfg.model).expanduser().exists():
-        cfg = dataclasses.replace(cfg, model=str(Path(cfg.model).expanduser()))
-    demo = is_demo(cfg)
-    if demo:
-        console.print("[bold]No --model/--data given: running the offline demo "
-                      "(SmolLM2-135M-Instruct on qorpo's demo preference set).[/]")
-        cfg = apply_demo_defaults(cfg, console)
-    elif cfg.model is None or cfg.data is None:
-        raise ConfigError(["give both --model and --data (or neither, for the offline demo)"])
+    demo = is_demo(asked)
+    cfg = for_this_run(asked, console)  # the one config every step below reads
     from qorpo.preflight import check_environment
 
     check_environment(cfg)  # optimizer, scheduler, loggers, kernels: before anything loads
@@ -103,8 +117,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, dry_run: boo
     with claim_output_dir(cfg, fp, main_process=procs.is_main_process) as claim:
         ready = setup(claim, fp, device, procs, console, dry_run=dry_run, demo=demo)
         if dry_run:
-            console.print(f"[green]Dry run: {len(ready.data.train)} pairs → {ready.steps} "
-                          "optimizer steps. No weights loaded.[/]")
+            console.print(dry_run_line(len(ready.data.train), ready.steps))
             return TrainResult(ready.plan.out_dir, {"steps": float(ready.steps)}, {}, [],
                                ready.memory)
         return fit(ready, build(ready, console), console)
@@ -141,18 +154,18 @@ def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
     steps = planned_steps(cfg, len(data.train), procs.num_processes)
     console.print(start_table(cfg, device, dtype, data, steps, procs.num_processes))
     for note in context_notes(cfg, data):
-        console.print(f"[yellow]note:[/] {note}")
+        print_note(console, note)
     # the CPU estimate's runtime term: this process, measured before the model loads
     runtime = runtime_resident(cfg.quant) if device.type == "cpu" else None
     memory = train_estimate(cfg, data, device.type, runtime=runtime)
     if dry_run or (memory.fits is False):
         console.print(estimate_table(memory))
     elif memory.low_cpu_memory and cfg.low_cpu_memory is None:
-        console.print(f"[yellow]note:[/] {memory.note}")  # chosen for this run: say so
+        print_note(console, memory.note)  # chosen for this run: say so
     if memory.low_cpu_memory and not cfg.low_cpu_memory and not dry_run:
         pin_malloc_thresholds()  # before the model loads (the estimate chose it)
     for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        print_note(console, note)
     if plan.resume_from is not None:
         console.print(f"Resuming from {plan.resume_from}")
     return Setup(cfg, plan, fp, device, procs, dtype, tokenizer, data, steps, memory, demo,
@@ -187,12 +200,7 @@ def build(ready: Setup, console: Console) -> Built:
     pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
     parity = parity_check(model, pairs, layout, ready.tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
-    same = "" if layout == "padded" else f"; the {layout} layout scores them as padded does " \
-        f"(to {parity.layout_diff:.1e})"
-    console.print(f"Parity check passed: chunked log-probs match the model's logits to "
-                  f"{parity.max_abs_diff:.1e} over {parity.tokens} tokens{same}. LoRA: "
-                  f"{trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / total:.2f}%).")
+    console.print(parity_line(parity, layout, trainable, total))
     return Built(model, layout, memory)
 
 
@@ -208,8 +216,8 @@ def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
         return layout, False
     support = supports_layout(model, layout, max_seq_len=cfg.max_length)
     if not support.ok:
-        console.print(f"[yellow]note:[/] prefix sharing off for this model — "
-                      f"{support.reason}; using the padded layout")
+        print_note(console, f"prefix sharing off for this model — {support.reason}; using the "
+                   "padded layout")
         return "padded", True
     # a kernel that skips the masked blocks (qorpo.attention.choice); the parity check
     # compares it too
@@ -218,7 +226,10 @@ def choose_layout(model: Any, cfg: TrainConfig, device: torch.device,
           if kernel == FLEX else contextlib.nullcontext()):
         choice = agree(choose(model, device.type, layout, cfg.attn_implementation), model)
     if choice.note:
-        console.print(f"[yellow]note:[/] {choice.note}" if choice.fell_back else choice.note)
+        if choice.fell_back:
+            print_note(console, choice.note)
+        else:
+            console.print(choice.note)
     return layout, choice.fell_back
 
 
@@ -233,7 +244,7 @@ def fit(ready: Setup, built: Built, console: Console) -> TrainResult:
     procs.wait_for_everyone()  # every rank has checked the folder before rank 0 writes to it
     if procs.is_main_process:  # the folder is written only now that the run can start
         for note in runs.start(plan, cfg, ready.fp, base_model_identity(model, cfg)):
-            console.print(f"[yellow]note:[/] {note}")
+            print_note(console, note)
     procs.wait_for_everyone()
     prompts = list(DEMO_PROMPTS) if ready.demo else []
     gens_before = [generate(model, ready.tokenizer, p, adapter=False) for p in prompts]
@@ -258,7 +269,7 @@ def fit(ready: Setup, built: Built, console: Console) -> TrainResult:
 
         note = plot_finished_run(out_dir)  # OUT/curves.png; a plot never fails a finished run
         if note:
-            console.print(f"[yellow]note:[/] {note}")
+            print_note(console, note)
         runs.finish(out_dir, trainer.state.global_step)
     console.print(summary_table(out_dir, metrics, before, gens))
     return TrainResult(out_dir, metrics, before, gens, built.memory)

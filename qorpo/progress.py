@@ -70,6 +70,24 @@ class RichProgressCallback(TrainerCallback):
             self.progress = None
 
 
+def print_note(console: Console, text: str) -> None:
+    """One line of something the user should know (a choice made for them, a fallback)."""
+    console.print(f"[yellow]note:[/] {text}")
+
+
+def dry_run_line(pairs: int, steps: int) -> str:
+    return f"[green]Dry run: {pairs} pairs → {steps} optimizer steps. No weights loaded.[/]"
+
+
+def parity_line(parity: Any, layout: str, trainable: int, total: int) -> str:
+    """The start-up parity check's result (qorpo.forward.ParityReport) and LoRA's size."""
+    same = "" if layout == "padded" else (f"; the {layout} layout scores them as padded does "
+                                          f"(to {parity.layout_diff:.1e})")
+    return (f"Parity check passed: chunked log-probs match the model's logits to "
+            f"{parity.max_abs_diff:.1e} over {parity.tokens} tokens{same}. LoRA: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%).")
+
+
 def start_table(cfg: TrainConfig, device: torch.device, dtype: Any, data: Any,
                 steps: int, processes: int = 1) -> Table:
     t = Table(title="qorpo train", show_header=False, title_justify="left")
