@@ -183,7 +183,7 @@ def build(ready: Setup, console: Console) -> Built:
     from transformers import set_seed
 
     from qorpo.data.collate import pairs_from_features
-    from qorpo.forward import parity_check
+    from qorpo.forward import PARITY_PAIRS, parity_check
 
     cfg, dtype, device, data = ready.cfg, ready.dtype, ready.device, ready.data
     from qorpo.model import add_lora, load_base_model
@@ -197,7 +197,8 @@ def build(ready: Setup, console: Console) -> Built:
     if fell_back:  # the summary compares the measured peak with what really runs
         memory = train_estimate(dataclasses.replace(cfg, low_cpu_memory=memory.low_cpu_memory),
                                 data, device.type, runs_as=(layout, None), runtime=ready.runtime)
-    pairs = pairs_from_features([data.train[i] for i in range(min(2, len(data.train)))])
+    first = range(min(PARITY_PAIRS, len(data.train)))  # parity_check uses no more
+    pairs = pairs_from_features([data.train[i] for i in first])
     parity = parity_check(model, pairs, layout, ready.tokenizer.pad_token_id or 0, dtype.dtype)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(parity_line(parity, layout, trainable, total))
