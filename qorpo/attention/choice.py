@@ -35,7 +35,7 @@ from qorpo.attention import FLEX, PAIR_ATTENTION
 from qorpo.attention.masks import attn_implementation
 from qorpo.attention.pairs import replaces, use_pair_attention
 from qorpo.attention.plan import planned
-from qorpo.data.collate import build_batch
+from qorpo.data.collate import PAD_MULTIPLE, build_batch
 from qorpo.errors import ModelError
 from qorpo.forward import hidden_states, mixed_precision, probe_layout, probe_pairs
 from qorpo.model import unwrap
@@ -154,7 +154,8 @@ def train_step_runs(model: nn.Module) -> int:
         raise ModelError("the model has no trainable parameters")
     device = params[0].device
     batch = build_batch(probe_pairs(model, CHECK_SHAPES), "packed", pad_token_id=0,
-                        max_row_tokens=CHECK_ROW_TOKENS, pad_to_multiple_of=8).to(device)
+                        max_row_tokens=CHECK_ROW_TOKENS,
+                        pad_to_multiple_of=PAD_MULTIPLE).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             _training(model), mixed_precision(model):
         h = hidden_states(model, batch)  # (R, L, H)
