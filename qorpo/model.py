@@ -14,7 +14,7 @@ from torch import nn
 
 from qorpo.config import TrainConfig
 from qorpo.errors import ConfigError, ModelError
-from qorpo.hf import DTYPES, quiet
+from qorpo.hf import DTYPES, quiet, text_config
 from qorpo.loss import OutputHead
 from qorpo.quant import bnb_config, fsdp_active, keep_4bit_differentiable
 from qorpo.sysmem import release_file_mappings
@@ -323,7 +323,7 @@ def output_head(model: nn.Module) -> OutputHead:
         raise ModelError(f"{type(base).__name__}: the output head is quantised or not a plain "
                          "matrix; qorpo needs it in a float dtype")
     cfg = base.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text_cfg = text_config(cfg)
     scale = 1.0
     if getattr(text_cfg, "logit_scale", None):  # Cohere: logits * logit_scale
         scale *= float(text_cfg.logit_scale)
