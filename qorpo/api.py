@@ -186,12 +186,15 @@ def build(ready: Setup, console: Console) -> Built:
     from qorpo.forward import PARITY_PAIRS, parity_check
 
     cfg, dtype, device, data = ready.cfg, ready.dtype, ready.device, ready.data
-    from qorpo.model import add_lora, load_base_model
+    from qorpo.model import add_lora, load_base_model, lora_dropout_for
 
     set_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same adapter
     with console.status(f"Loading {cfg.model} ({cfg.quant}, {dtype.name})…"):
         model = load_base_model(cfg, dtype.dtype, device)
+        _, dropout_note = lora_dropout_for(model, cfg)
         model = add_lora(model, cfg, dtype.dtype)
+    if dropout_note:
+        print_note(console, dropout_note)
     layout, fell_back = choose_layout(model, cfg, device, console)
     memory = ready.memory
     if fell_back:  # the summary compares the measured peak with what really runs

@@ -236,6 +236,18 @@ def load_base_model(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) 
     return model
 
 
+def lora_dropout_for(model: nn.Module, cfg: TrainConfig) -> tuple[float, str | None]:
+    """The LoRA dropout this model can take, and a note when it is not --lora-dropout. With
+    all-linear, peft (>= 0.18) adapts a mixture-of-experts model's fused 3-D expert tensors as
+    parameters (its ParamWrapper, `target_parameters`), which refuse any dropout: such a run
+    trains with none rather than stopping on the default 0.05."""
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
+    if not experts or cfg.lora_dropout == 0 or cfg.lora_targets != ["all-linear"]:
+        return cfg.lora_dropout, None
+    return 0.0, (f"LoRA dropout 0 instead of {cfg.lora_dropout:g}: this model's experts are "
+                 f"3-D parameters ({experts[0]}, …), which peft adapts without dropout")
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
     """Wrap in peft LoRA; non-reentrant gradient checkpointing; input grads enabled."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -259,7 +271,8 @@ def add_lora(model: nn.Module, cfg: TrainConfig, dtype: torch.dtype) -> nn.Modul
     targets: Any = cfg.lora_targets
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft: every linear layer except the output head
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    dropout, _ = lora_dropout_for(model, cfg)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=dropout,
                       target_modules=targets, use_rslora=cfg.use_rslora, bias="none",
                       task_type="CAUSAL_LM")
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from qorpo.errors import MergeError
@@ -159,8 +160,12 @@ def test_qorpo_trained_moe_adapter_merges_with_defaults(tmp_path: Path) -> None:
 
     base = save_base(moe_model("qwen3_moe"), tmp_path / "base")
     data = write_pairs(tmp_path / "pairs.jsonl", 8)
-    # lora_dropout 0: peft's ParamWrapper (the expert parameters) takes no dropout
-    train(**base_kwargs(base, data, tmp_path / "run", max_steps=2, lora_dropout=0.0))
+    # the default LoRA dropout: peft's ParamWrapper (the expert parameters) takes none, so the
+    # run trains without it and says so, instead of stopping
+    console = Console(record=True, width=200)
+    train(console=console, **base_kwargs(base, data, tmp_path / "run", max_steps=2,
+                                         lora_dropout=0.05))
+    assert "LoRA dropout 0 instead of 0.05" in console.export_text()
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert "gate_up_proj" in config["target_parameters"]
 
