@@ -69,8 +69,8 @@ def resident() -> Resident | None:
 def runtime_resident(quant: str) -> Resident | None:
     """What the process holds before the model loads, with the libraries training will import
     already imported: the CPU estimate's runtime term, measured instead of assumed. The same
-    packages differ by release (a fresh install with transformers 5.25 pulls in `kernels` and
-    held ~60 MiB more after import than 5.24 did), so a constant cannot hold everywhere."""
+    packages held 498 and 596 MiB here in two venvs of byte-identical files on one machine
+    (`import torch` alone: 219 vs 273 MiB), so a constant cannot hold everywhere."""
     import peft  # noqa: F401  (imported by training anyway; ~150 MiB with bitsandbytes)
 
     if quant != "none":

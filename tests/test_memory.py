@@ -194,7 +194,7 @@ def test_train_pins_the_thresholds_when_the_estimate_says_so(tmp_path, monkeypat
     from rich.console import Console
 
     import qorpo.api
-    import qorpo.memory.plan as mp
+    import qorpo.memory.training as mp  # (where a run asks for its capacity)
     from qorpo.api import train
 
     model = make_model(tmp_path / "m", arch="llama")

@@ -56,15 +56,17 @@ FRAGMENTATION = 0.10
 USABLE_FRACTION = 0.94
 # CPU: the interpreter with torch, transformers, peft, bitsandbytes, datasets, the tokenizer and
 # the data loaded, before the model. `qorpo train` measures it (qorpo.sysmem.runtime_resident):
-# it differs by release (499 MiB with transformers 5.25 in one venv, 526 in a fresh one with the
-# same versions, 532 with SmolLM2's tokenizer and real data); this is for `qorpo estimate`.
+# two venvs of byte-identical packages on one machine held 498 and 596 MiB there (`import torch`
+# alone: 219 vs 273 MiB resident, the same library code costing more resident pages in one),
+# 532 with SmolLM2's tokenizer and real data. This constant is for `qorpo estimate`.
 CPU_RUNTIME_BYTES = 533 * 2**20
 # What a run then allocates that no component above counts: the model's modeling code and
 # peft's tuners imported at load, the Trainer's first-step set-up (optimizer, autograd engine,
-# lazy imports). Measured: peak minus (measured runtime + components) = 42.6 and 45.5 MiB for
-# a tiny 8-layer model in two venvs (tests/test_trust_inputs.py test_11, pinned thresholds),
-# 17 MiB where loading a 135M model is the peak; 52 leaves ~6 MiB for variation.
-CPU_START_BYTES = 52 * 2**20
+# lazy imports, library code first run). Measured: peak minus (measured runtime + components)
+# for a tiny 8-layer model (tests/test_trust_inputs.py test_11, pinned thresholds) = 42.6 MiB
+# in the lighter venv, 64.7 and 66.2 in the heavier one (it grows with the runtime's excess);
+# 17 MiB where loading a 135M model is the peak. 76 leaves ~10 MiB above the largest.
+CPU_START_BYTES = 76 * 2**20
 
 
 class Workload(NamedTuple):
