@@ -31,50 +31,34 @@ JOURNEY: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def journey_model(out: Path, family: str) -> Path:
-    if family in FAMILIES:
-        return family_model(out, family)
-    FAMILIES[family] = JOURNEY[family]  # family_model reads the table; restored below
-    try:
-        return family_model(out, family)
-    finally:
-        del FAMILIES[family]
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # long enough that packed rows pass Gemma 2/3's window of 8
     return write_pairs(tmp_path_factory.mktemp("journey") / "pairs.jsonl", 8)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("family", list(JOURNEY))
 def test_family_trains_exactly_merges_and_exports(tmp_path: Path, pairs: Path,
                                                   family: str) -> None:
     from qorpo.merging import merge
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = journey_model(tmp_path / "model", family)
-        runs = {}
-        for layout, flags in (("default", {}), ("padded", {"prefix_sharing": False})):
-            # SGD, not AdamW: Adam divides by |g|, so a 1e-9 difference in a near-zero
-            # gradient moves a weight by up to the learning rate, hiding what is compared
-            result = train(console=Console(quiet=True), **base_kwargs(
-                model, pairs, tmp_path / layout, max_steps=2, optim="sgd", **flags))
-            runs[layout] = result
-        default, padded = runs["default"], runs["padded"]
-        assert default.metrics["train_loss"] == pytest.approx(padded.metrics["train_loss"],
-                                                              abs=1e-5)
-        a, b = adapter_weights(tmp_path / "default"), adapter_weights(tmp_path / "padded")
-        assert a.keys() == b.keys() and a
-        # LoRA's B starts at 0: two steps must have moved it, or nothing was compared
-        assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)
-        for key in a:  # SGD: an update is linear in the gradient, so equal stays equal
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-        merged = merge(tmp_path / "default", tmp_path / "merged", dtype="fp32", gguf="f16")
-    finally:
-        torch.set_num_threads(threads)
+    model = family_model(tmp_path / "model", family, spec=JOURNEY[family])
+    losses = {}
+    for layout, flags in (("default", {}), ("padded", {"prefix_sharing": False})):
+        # SGD, not AdamW: Adam divides by |g|, so a 1e-9 difference in a near-zero gradient
+        # moves a weight by up to the learning rate, hiding what is compared
+        result = train(console=Console(quiet=True), **base_kwargs(
+            model, pairs, tmp_path / layout, max_steps=2, optim="sgd", **flags))
+        losses[layout] = result.metrics["train_loss"]
+    assert losses["default"] == pytest.approx(losses["padded"], abs=1e-5)
+    a, b = adapter_weights(tmp_path / "default"), adapter_weights(tmp_path / "padded")
+    assert a.keys() == b.keys() and a
+    # LoRA's B starts at 0: two steps must have moved it, or nothing was compared
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)
+    for key in a:  # SGD: an update is linear in the gradient, so equal stays equal
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    merged = merge(tmp_path / "default", tmp_path / "merged", dtype="fp32", gguf="f16")
     assert merged.verification is not None and merged.verification.passed
     report = merged.gguf.verification
     assert report is not None and report.passed, report.summary()

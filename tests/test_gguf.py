@@ -37,12 +37,7 @@ LLAMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 # model kind -> pre-tokenizer of its tiny tokenizer (transformers' Qwen2Tokenizer applies the

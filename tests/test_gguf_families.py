@@ -44,20 +44,17 @@ GGUF_ARCH = {"qwen3_moe": "qwen3moe", "gpt_neox": "gptneox", "mixtral": "llama",
              "cohere": "command-r"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
-def family_model(out: Path, family: str, tokenizer: Any = None, **overrides: Any) -> Path:
-    """A tiny random model of ``family`` saved like a merged folder; every weight (norms and
-    biases too, so offsets and biases count) random."""
+def family_model(out: Path, family: str, tokenizer: Any = None, *,
+                 spec: tuple[str, dict[str, Any]] | None = None, **overrides: Any) -> Path:
+    """A tiny random model of ``family`` (``spec``: its (model_type, config overrides), default
+    FAMILIES[family]) saved like a merged folder; every weight (norms and biases too, so
+    offsets and biases count) random."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, kw = FAMILIES[family]
+    model_type, kw = spec or FAMILIES[family]
     torch.manual_seed(0)
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

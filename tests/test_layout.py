@@ -74,7 +74,6 @@ def _randomize_lora(model: nn.Module, seed: int = 0) -> None:
 
 
 def lora_model(arch: str, attn: str, *, quant: bool = False, ckpt: bool = False) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"attn_implementation": "sdpa" if attn == PAIRS else attn,
@@ -87,6 +86,14 @@ def lora_model(arch: str, attn: str, *, quant: bool = False, ckpt: bool = False)
     if attn == PAIRS:
         assert use_pair_attention(model)
     keep_4bit_differentiable(model)
+    return with_random_lora(model, ckpt=ckpt)
+
+
+def with_random_lora(model: nn.Module, *, ckpt: bool = False) -> nn.Module:
+    """LoRA on every linear layer with random weights (both A and B), in train mode;
+    `ckpt`: non-reentrant gradient checkpointing first."""
+    from peft import LoraConfig, get_peft_model
+
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -429,7 +436,7 @@ def test_probe_catches_models_that_ignore_masks_or_positions(drop):
 
 
 def test_packing_capacity_weighs_padding_against_attention():
-    from qorpo.data.collate import choose_capacity, pack_rows
+    from qorpo.data.placement import choose_capacity, pack_rows
 
     # 920 + 470 and 768 + 500 fit rows of 1,392: 2 rows instead of 4 rows of 920 (38% padding)
     lengths = [920, 768, 500, 470]

@@ -24,14 +24,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 IDS = torch.tensor([[5, 17, 33, 60, 2, 90, 120, 7]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers between two
-    threads cost ~100x (2.6 ms vs 550 ms per forward measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _fp32(path: Path) -> Any:

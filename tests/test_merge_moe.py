@@ -26,12 +26,7 @@ COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention
               eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def moe_model(family: str, **overrides: Any) -> Any:

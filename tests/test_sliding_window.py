@@ -34,10 +34,10 @@ from tests.test_flex import (
 from tests.test_layout import (
     LAYOUTS,
     VOCAB,
-    _randomize_lora,
     assert_all_equal,
     naive_reference,
     run_layout,
+    with_random_lora,
 )
 
 WINDOW = 8
@@ -83,7 +83,6 @@ def family_config(family: str, window: int = WINDOW):
 
 def family_model(family: str, attn: str = "eager", ckpt: bool = False) -> nn.Module:
     """A tiny random model of `family` with random LoRA weights (peft), fp32, train mode."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -93,14 +92,7 @@ def family_model(family: str, attn: str = "eager", ckpt: bool = False) -> nn.Mod
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    _randomize_lora(model)
-    model.train()
-    return model
+    return with_random_lora(model, ckpt=ckpt)
 
 
 def switch(model: nn.Module, kernel: str) -> None:

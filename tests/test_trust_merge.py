@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMP = ".*.tmp-*"  # qorpo.atomic's temp names
 
 
-from tests.test_gguf import _one_thread  # noqa: E402,F401  (autouse: one torch thread)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def cli(*args: str) -> Any:
