@@ -156,7 +156,9 @@ def setup(claim: Claim, fp: dict[str, Any], device: torch.device, procs: Any,
     for note in context_notes(cfg, data):
         print_note(console, note)
     # the CPU estimate's runtime term: this process, measured before the model loads
-    runtime = runtime_resident(cfg.quant) if device.type == "cpu" else None
+    # (not for a --gpu-memory plan: that estimate is for a GPU, where it is not used)
+    on_cpu = device.type == "cpu" and cfg.gpu_memory is None
+    runtime = runtime_resident(cfg.quant) if on_cpu else None
     memory = train_estimate(cfg, data, device.type, runtime=runtime)
     if dry_run or (memory.fits is False):
         console.print(estimate_table(memory))

@@ -14,7 +14,8 @@ from torch import nn
 from qorpo.attention import FLEX, PAIR_ATTENTION
 from qorpo.attention.masks import attn_implementation, model_attention_mask
 from qorpo.attention.pairs import pair_spans
-from qorpo.data.collate import LAYOUTS, Batch, Layout, Pair, build_batch
+from qorpo.data.collate import Batch, Layout, Pair, build_batch
+from qorpo.data.placement import LAYOUTS
 from qorpo.errors import ModelError
 from qorpo.hf import text_config
 from qorpo.loss import chunked_token_logps

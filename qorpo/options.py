@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from qorpo.errors import ConfigError
 
-__all__ = ["Options", "coerce", "field_table", "option"]
+__all__ = ["Options", "choice_problem", "choice_problems", "coerce", "field_table", "option"]
 
 T = TypeVar("T", bound="Options")
 
@@ -28,6 +28,21 @@ def option(default: Any, group: str, help: str, choices: tuple[str, ...] | None 
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def choice_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """A value that is not one of the field's choices (None passes where None is the field's
+    default: the option was not set)."""
+    choices = f.metadata.get("choices")
+    if not choices or (value is None and f.default is None) or value in choices:
+        return None
+    return f"{f.name}: {value!r} is not one of {', '.join(choices)}"
+
+
+def choice_problems(obj: Any) -> list[str]:
+    """Every field of an option dataclass whose value is not one of its choices."""
+    found = (choice_problem(f, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return [p for p in found if p]
 
 
 class Options:

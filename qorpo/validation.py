@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any
 
+from qorpo.options import choice_problem
+
 # Counts that must be at least 1 (None, where a field allows it, means "not set").
 POSITIVE = ("lora_r", "max_length", "max_prompt_length", "min_response_tokens", "chunk_size",
             "batch_size", "grad_accum", "logging_steps", "save_steps", "eval_steps",
@@ -22,6 +24,17 @@ _KINDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a nu
                           str: "a string", list: "a list of strings",
                           dict: "a mapping of strings to strings"}
 _MEMORY_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*", re.IGNORECASE)
+
+
+def memory_size_problems(name: str, text: str | None) -> list[str]:
+    """[] if `text` is unset or a memory size parse_memory_size reads, else the problem."""
+    if text is None:
+        return []
+    try:
+        parse_memory_size(text)
+    except ValueError as exc:
+        return [f"{name}: {exc}"]
+    return []
 
 
 def parse_memory_size(text: str) -> float:
@@ -83,9 +96,9 @@ def _type_problems(cfg: Any) -> list[str]:
 def _value_problems(cfg: Any) -> list[str]:
     problems = []
     for f in dataclasses.fields(cfg):
-        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
-        if choices and value not in choices:
-            problems.append(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        value = getattr(cfg, f.name)
+        if wrong := choice_problem(f, value):
+            problems.append(wrong)
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{f.name}: must be a finite number, got {value}")
     for name in POSITIVE:
@@ -99,11 +112,7 @@ def _value_problems(cfg: Any) -> list[str]:
                         f"{cfg.max_steps}")
     if not 0 <= cfg.seed < 2**32:  # numpy's and torch's seeds are unsigned 32-bit
         problems.append(f"seed: must be in 0 .. {2**32 - 1}, got {cfg.seed}")
-    if cfg.gpu_memory is not None:
-        try:
-            parse_memory_size(cfg.gpu_memory)
-        except ValueError as exc:
-            problems.append(f"gpu_memory: {exc}")
+    problems += memory_size_problems("gpu_memory", cfg.gpu_memory)
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
         problems.append("weight_decay and max_grad_norm: must be >= 0")
     for name in ("lora_dropout", "eval_fraction", "warmup_ratio"):

@@ -19,7 +19,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from qorpo.config import GROUPS, TrainConfig, field_table  # noqa: E402
+from qorpo.config import GROUPS, TrainConfig  # noqa: E402
 from qorpo.memory.options import EstimateConfig  # noqa: E402
 from qorpo.merging.options import MergeOptions  # noqa: E402
 from qorpo.options import field_table as options_table  # noqa: E402
@@ -122,14 +122,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def command_tables(cls: type, header: str) -> str:
-    """One table per option group of a command's option dataclass (merge, estimate)."""
+def option_tables(cls: type, header: str, groups: tuple[str, ...] | None = None) -> str:
+    """`header`, then one table per option group of an option dataclass (TrainConfig, merge,
+    estimate): `groups` in that order, or as the fields first name them."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = cls()
-    rows = options_table(cls)
+    rows = options_table(cls)  # the same rows `--help` is built from: name, group, help
     parts = [header]
-    for group in dict.fromkeys(r["group"] for r in rows):
+    for group in groups or dict.fromkeys(r["group"] for r in rows):
         parts.append(f"\n## {group}\n\n| option | type | default | meaning |\n|---|---|---|---|\n")
         for row in (r for r in rows if r["group"] == group):
             f, tp = fields[row["name"]], hints[row["name"]]
@@ -141,21 +142,8 @@ def command_tables(cls: type, header: str) -> str:
 
 def render() -> str:
     """The full text of docs/options.md."""
-    hints = typing.get_type_hints(TrainConfig)
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    defaults = TrainConfig()
-    rows = field_table()  # the same rows `--help` is built from: name, group, help
-    parts = [HEADER]
-    for group in GROUPS:
-        parts.append(f"\n## {group}\n\n| option | type | default | meaning |\n|---|---|---|---|\n")
-        for row in (r for r in rows if r["group"] == group):
-            f, tp = fields[row["name"]], hints[row["name"]]
-            cells = [flag_text(f, tp), type_text(f, tp),
-                     default_text(getattr(defaults, f.name)), row["help"]]
-            parts.append("| " + " | ".join(_cell(c) for c in cells) + " |\n")
-    parts += [command_tables(MergeOptions, MERGE_HEADER),
-              command_tables(EstimateConfig, ESTIMATE_HEADER)]
-    return "".join(parts)
+    return (option_tables(TrainConfig, HEADER, GROUPS) + option_tables(MergeOptions, MERGE_HEADER)
+            + option_tables(EstimateConfig, ESTIMATE_HEADER))
 
 
 def main(argv: list[str] | None = None) -> int:

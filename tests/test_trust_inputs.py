@@ -17,7 +17,8 @@ from qorpo.cli import app
 from qorpo.config import TrainConfig
 from qorpo.data.sources import load_rows
 from qorpo.errors import ConfigError, DataError
-from qorpo.memory.plan import Capacity, check_context, largest_fits, model_shape
+from qorpo.memory.plan import Capacity, check_context, largest_fits
+from qorpo.memory.shapes import model_shape
 from tests.tiny import make_model
 
 ROOT = Path(__file__).resolve().parents[1]

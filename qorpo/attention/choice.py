@@ -35,7 +35,8 @@ from qorpo.attention import FLEX, PAIR_ATTENTION
 from qorpo.attention.masks import attn_implementation
 from qorpo.attention.pairs import replaces, use_pair_attention
 from qorpo.attention.plan import planned
-from qorpo.data.collate import PAD_MULTIPLE, build_batch
+from qorpo.data.collate import build_batch
+from qorpo.data.placement import PAD_MULTIPLE
 from qorpo.errors import ModelError
 from qorpo.forward import hidden_states, mixed_precision, probe_layout, probe_pairs
 from qorpo.model import unwrap

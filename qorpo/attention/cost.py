@@ -19,7 +19,7 @@ def cost_per_key(hidden: int | None) -> float:
     row it attends over: attention is ~4·H FLOPs per (query, key) per layer, the linear layers
     ~2·P per token (P = parameters per layer, ~12·H² for a Llama block), so 4H / 2P ≈ 1 / (6 H).
     A custom mask stops kernels from skipping masked blocks, so a row of length L costs about
-    L · (1 + L · cost) — what qorpo.data.collate.choose_capacity minimises. A bigger model's is
+    L · (1 + L · cost) — what qorpo.data.placement.choose_capacity minimises. A bigger model's is
     smaller (longer rows pay off more). `hidden` None: DEFAULT_HIDDEN."""
     return 1 / (6 * int(hidden or DEFAULT_HIDDEN))
 

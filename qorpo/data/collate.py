@@ -37,20 +37,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from qorpo.attention.cost import DEFAULT_ATTENTION_COST  # cost per (query, key); see there
-from qorpo.data.placement import (  # re-exported: the collator's geometry lives there
-    LAYOUTS,
-    PAD_MULTIPLE,
-    Placement,
-    Seat,
-    choose_capacity,
-    pack_rows,
-    place,
-)
+from qorpo.data.placement import PAD_MULTIPLE, Placement, Seat, place
 from qorpo.loss import ScoreSpec
 
-__all__ = ["CHOSEN", "LAYOUTS", "PAD", "PAD_MULTIPLE", "PAD_SEGMENT", "PROMPT", "REJECTED",
-           "Batch", "Layout", "Pair", "PairCollator", "build_batch", "choose_capacity",
-           "pack_rows", "pairs_from_features"]
+__all__ = ["CHOSEN", "PAD", "PAD_SEGMENT", "PROMPT", "REJECTED", "Batch", "Layout", "Pair",
+           "PairCollator", "build_batch", "pairs_from_features"]
 
 Layout = Literal["padded", "shared", "packed"]
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qorpo.config import TrainConfig, parse_memory_size
+from qorpo.config import TrainConfig
 from qorpo.errors import ConfigError
-from qorpo.options import Options, option
+from qorpo.options import Options, choice_problems, option
+from qorpo.validation import memory_size_problems
 
 __all__ = ["DEFAULT_MAX_LENGTH", "DEVICES", "EstimateConfig"]
 
@@ -47,13 +48,8 @@ class EstimateConfig(Options):
         problems += [f"{name}: must be at least 1, got {value}" for name, value in
                      (("max_length", self.max_length), ("batch_size", self.batch_size),
                       ("lora_r", self.lora_r)) if value is not None and value < 1]
-        if self.device is not None and self.device not in DEVICES:
-            problems.append(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.gpu_memory is not None:
-            try:
-                parse_memory_size(self.gpu_memory)
-            except ValueError as exc:
-                problems.append(f"gpu_memory: {exc}")
+        problems += choice_problems(self)  # device
+        problems += memory_size_problems("gpu_memory", self.gpu_memory)
         if problems:
             raise ConfigError(problems)
         return self

@@ -13,7 +13,6 @@ from qorpo.errors import ConfigError
 from qorpo.memory.formula import GIB, USABLE_FRACTION, MemoryEstimate, Workload, estimate
 from qorpo.memory.options import DEFAULT_MAX_LENGTH, EstimateConfig
 from qorpo.memory.shapes import ModelShape, read_shape
-from qorpo.memory.shapes import model_shape as model_shape  # its home before; callers use it
 
 # glibc's default allocator on a run WITHOUT gradient checkpointing: peak RSS up to this many
 # times the live estimate. Measured, SmolLM2-135M 4-bit, packed: 4 pairs x 512, two steps of

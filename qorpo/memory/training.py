@@ -11,10 +11,10 @@ from qorpo.memory.plan import (
     RunEstimate,
     detect_capacity,
     gpu_capacity,
-    model_shape,
     pair_lengths,
     plan,
 )
+from qorpo.memory.shapes import model_shape
 from qorpo.sysmem import allocator
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qorpo.errors import ConfigError, MergeError
-from qorpo.options import Options, option
+from qorpo.options import Options, choice_problems, option
 
 __all__ = ["GGUF_TYPES", "MergeConfig", "MergeOptions", "parse_size"]
 
@@ -64,11 +64,7 @@ class MergeOptions(Options):
 
     def problems(self) -> list[str]:
         """Every bad value: a choice not offered, a shard size that does not parse."""
-        found = []
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value is not None and value not in choices:
-                found.append(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        found = choice_problems(self)
         try:
             parse_size(self.max_shard_size)
         except MergeError as exc:
